@@ -166,6 +166,8 @@ def test_multi_turn_build_equals_template_rendering(folders, name):
             continue  # Qwen3 adds an empty <think> block to a FINAL assistant message only
         assert conv.tokens == hf_render(tok, conv_messages)
     assert conv.num_turns == 2 and conv.text_of_turn(1) == "def f(x):\n    return x"
+    turn_BxT = conv.as_arrays()["turn_id"]
+    assert set(turn_BxT.tolist()) == {0, 1, 2} and ((turn_BxT > 0) == conv.as_arrays()["is_output"]).all()
 
 
 def test_chatml_fallback_and_errors(folders, tmp_path):
@@ -246,7 +248,7 @@ def test_generated_ids_are_never_retokenized(spm_tok):
     assert arr["is_output"].sum() == len(ids) and arr["is_output"][n:n + len(ids)].all()
     assert arr["logp"][n:n + len(ids)].tolist() == [-float(i) for i in range(len(ids))]
     assert (arr["logp"][~arr["is_output"]] == 0).all()
-    assert ((arr["turn_id"] >= 0) == arr["is_output"]).all() and arr["turn_id"].max() == 0
+    assert ((arr["turn_id"] > 0) == arr["is_output"]).all() and arr["turn_id"].max() == 1
     # Headers are not outputs; after <|im_end|> the suffix's "\n" follows as non-output.
     assert tok.decode(conv.tokens[n - len(tok.generation_prompt_ids()):n]) == "<|im_start|>assistant\n"
     suffix = tok.turn_suffix_ids("assistant")

@@ -9,8 +9,9 @@ Per token the builder keeps (python lists, the same length):
   is_output  True exactly on ids the policy generated, including the generated end-of-turn id;
              chat headers, the rest of the assistant suffix and all other messages are False;
   logp       the behaviour log-prob of a generated id, 0.0 elsewhere;
-  turn_id    k for the ids generated in the k-th assistant turn (0-based), -1 for every id
-             the policy did not generate (so `turn_id >= 0` equals `is_output`).
+  turn_id    k + 1 for the ids generated in assistant turn k (turns count from 0), 0 for every
+             id the policy did not generate (so `turn_id > 0` equals `is_output`). Ids stay in
+             [0, T), which the packer and the turn-level loss require; the loss masks non-outputs.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from loopjax.models.tokenizer import Tokenizer
 
-NOT_GENERATED = -1  # turn_id of every token the policy did not generate
+NOT_GENERATED = 0  # turn_id of every token the policy did not generate; turn k's outputs get k + 1
 
 
 class Conversation:
@@ -99,7 +100,7 @@ class Conversation:
         if len(ids) != len(logps):
             raise ValueError(f"{len(ids)} ids but {len(logps)} log-probs")
         turn = self.num_turns
-        self._append(ids, logps, turn=turn)
+        self._append(ids, logps, turn=turn + 1)
         suffix = self.tokenizer.turn_suffix_ids("assistant")
         last = int(ids[-1]) if len(ids) else None
         if last is not None and last == suffix[0]:
@@ -111,17 +112,17 @@ class Conversation:
         self.num_turns += 1
         self._open = False
 
-    def turn_ids_of(self, k: int) -> list[int]:
+    def generated_ids_of_turn(self, k: int) -> list[int]:
         """The generated ids of assistant turn k (negative k counts from the last turn)."""
         if k < 0:
             k += self.num_turns
         if not 0 <= k < self.num_turns:
             raise IndexError(f"turn {k} of a conversation with {self.num_turns} assistant turns")
-        return [t for t, j in zip(self.tokens, self.turn_id) if j == k]
+        return [t for t, j in zip(self.tokens, self.turn_id) if j == k + 1]
 
     def text_of_turn(self, k: int) -> str:
         """Decoded text of assistant turn k's generated ids, without a final eos id."""
-        ids = self.turn_ids_of(k)
+        ids = self.generated_ids_of_turn(k)
         if ids and ids[-1] in self.tokenizer.eos_ids:
             ids = ids[:-1]
         return self.tokenizer.decode(ids)
