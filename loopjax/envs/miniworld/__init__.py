@@ -1,0 +1,25 @@
+"""miniworld: an AppWorld-like multi-app world that runs anywhere (no download).
+
+Presets: "miniworld-tiny" (phone, notes, payments; no logins; short tasks a from-scratch CPU model
+can learn) and "miniworld" (all apps, logins, dozens of APIs). Use it through loopjax.envs:
+
+    from loopjax.envs import make_env, list_tasks, ground_truth
+    env = make_env("miniworld-tiny")
+    obs = env.reset(list_tasks("miniworld-tiny", "train")[0])
+"""
+from loopjax.envs.base import WorldEntry, register_world
+from loopjax.envs.miniworld.env import MiniWorldEnv
+from loopjax.envs.miniworld.tasks import PRESETS, Preset, ground_truth, task_ids
+
+__all__ = ["MiniWorldEnv", "PRESETS", "Preset"]
+
+
+def _register(preset: Preset) -> None:
+    register_world(preset.name, WorldEntry(
+        make_env=lambda **options: MiniWorldEnv(preset, **options),
+        list_tasks=lambda split: task_ids(preset, split),
+        ground_truth=lambda task_id: ground_truth(preset, task_id)))
+
+
+for _preset in PRESETS.values():
+    _register(_preset)

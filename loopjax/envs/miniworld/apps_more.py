@@ -1,0 +1,2 @@
+"""Placeholder: the full preset's extra apps."""
+REGISTRY = {}

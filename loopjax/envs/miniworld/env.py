@@ -1,0 +1,87 @@
+"""MiniWorldEnv: one miniworld episode at a time, agent code run in the sandbox worker."""
+from __future__ import annotations
+
+from loopjax.envs.base import EvalResult, Observation, StepResult, Supervisor
+from loopjax.envs.miniworld import data, tasks
+from loopjax.envs.miniworld.evaluator import Outcome, run_tests
+from loopjax.envs.miniworld.framework import ApiError
+from loopjax.envs.miniworld.world import World, copy_state
+from loopjax.envs.sandbox import HandlerError, Sandbox, SandboxLimits
+
+
+class MiniWorldEnv:
+    """The Env protocol over a miniworld preset.
+
+    Options: `limits` (SandboxLimits) or its fields as keywords (time_limit_s=10.0, memory_mb=...).
+    """
+
+    def __init__(self, preset: tasks.Preset, limits: SandboxLimits | None = None, **limit_kw):
+        self.preset = preset
+        self.sandbox = Sandbox(limits or SandboxLimits(**limit_kw))
+        self.world: World | None = None
+        self.task_id: str | None = None
+        self._initial: dict | None = None
+        self._spec = None
+        self.done = False
+
+    # -- Env protocol ---------------------------------------------------------------------------
+    def reset(self, task_id: str) -> Observation:
+        state, spec = tasks.build_task(self.preset, task_id)
+        people, _ = tasks.base_state(self.preset)
+        self._initial, self._spec, self.task_id, self.done = copy_state(state), spec, task_id, False
+        self.world = World(tasks.apps_of(self.preset), state, people, self.preset.auth)
+        self.sandbox.reset()
+        sup = people[0]
+        return Observation(task_id, spec.instruction,
+                           Supervisor(sup["first_name"], sup["last_name"], sup["email"],
+                                      sup["phone_number"]),
+                           data.TODAY, tuple(self.world.apps), self.preset.name)
+
+    def step(self, code: str) -> StepResult:
+        """Run one cell of agent code; done once complete_task has been called."""
+        self._need_episode()
+        if self.done:
+            return StepResult("The task is already completed; the episode is over.", True)
+        result = self.sandbox.run(code, self._handle)
+        self.done = self.world.completed
+        return StepResult(result.observation(), self.done)
+
+    def evaluate(self) -> EvalResult:
+        """Unit tests over the final state (see evaluator.py)."""
+        self._need_episode()
+        spec, world = self._spec, self.world
+        outcome = Outcome(self._initial, world.state,
+                          None if not world.completed else world.answer, world.completed)
+        n, passes, failures = run_tests(spec.checks, spec.allow, spec.answer, outcome)
+        return EvalResult(n, tuple(passes), tuple(failures), len(passes) / n, not failures)
+
+    def close(self) -> None:
+        self.sandbox.close()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def ground_truth(self, task_id: str) -> list[str]:
+        return tasks.ground_truth(self.preset, task_id)
+
+    @property
+    def instruction(self) -> str:
+        self._need_episode()
+        return self._spec.instruction
+
+    def _handle(self, app: str, api: str, kwargs: dict):
+        try:
+            return self.world.call(app, api, kwargs)
+        except ApiError as e:
+            raise HandlerError(e.render()) from None
+        except Exception as e:  # an odd argument reaching a handler must not crash the trainer
+            raise HandlerError(f"Response status code is 500: internal error "
+                               f"({type(e).__name__}) in {app}.{api}") from None
+
+    def _need_episode(self) -> None:
+        if self.world is None:
+            raise RuntimeError("call reset(task_id) before step() or evaluate()")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,112 @@
+"""Presets, task ids and task construction.
+
+A task id is `"<scenario>.<split>.<k>"`, e.g. `"text_contact.train.3"`; its scenario id is the
+part before the first dot. Normal scenarios have variants in train, dev and test_normal (people
+drawn from disjoint pools per split, see scenario.Gen); challenge scenarios only in
+test_challenge. `build_task(preset, task_id)` gives the task's initial state (the preset's seeded
+base state plus the scenario's set-up records) and its TaskSpec; both are deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+
+from loopjax.envs.miniworld import apps_core, apps_notes_pay, data
+from loopjax.envs.miniworld.framework import App
+from loopjax.envs.miniworld.scenario import SPLITS, Gen, Scenario, TaskSpec, render_solution
+from loopjax.envs.miniworld.scenarios_tiny import TINY_SCENARIOS
+from loopjax.envs.miniworld.world import copy_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A world size: which apps, how many people, which scenarios, variants per split."""
+
+    name: str
+    apps: tuple[str, ...]              # user apps (supervisor and api_docs are always there)
+    scenarios: tuple[Scenario, ...]
+    auth: bool                         # APIs need login -> access_token
+    n_people: int
+    n_contacts: int                    # people[1..n_contacts] are the supervisor's contacts
+    variants: tuple[tuple[str, int], ...]  # tasks per scenario in each split
+    seed: int = 0
+
+    def scenario(self, name: str) -> Scenario:
+        for s in self.scenarios:
+            if s.name == name:
+                return s
+        raise ValueError(f"unknown scenario {name!r} in {self.name}; known: "
+                         f"{[s.name for s in self.scenarios]}")
+
+
+def app_registry() -> dict[str, tuple[App, object]]:
+    """Every app: (App, data function (rng, people, preset) -> tables)."""
+    from loopjax.envs.miniworld import apps_more  # noqa: PLC0415 (the full preset's apps)
+    reg = {"phone": (apps_core.PHONE,
+                     lambda rng, ppl, pre: apps_core.phone_data(rng, ppl, pre.n_contacts)),
+           "notes": (apps_notes_pay.NOTES, lambda rng, ppl, pre: apps_notes_pay.notes_data(rng)),
+           "payments": (apps_notes_pay.PAYMENTS, lambda rng, ppl, pre:
+                        apps_notes_pay.payments_data(rng, ppl, pre.n_contacts))}
+    reg.update(apps_more.REGISTRY)
+    return reg
+
+
+def apps_of(preset: Preset) -> dict[str, App]:
+    reg = app_registry()
+    return {"supervisor": apps_core.SUPERVISOR, "api_docs": apps_core.API_DOCS,
+            **{a: reg[a][0] for a in preset.apps}}
+
+
+@functools.lru_cache(maxsize=None)
+def base_state(preset: Preset) -> tuple[list[dict], dict]:
+    """(people, state) of the preset's seeded base world. Cached: callers copy before editing."""
+    people = data.people(random.Random(f"{preset.seed}/people"), preset.n_people)
+    reg = app_registry()
+    state = {"supervisor": data.supervisor_tables(random.Random(f"{preset.seed}/supervisor"),
+                                                  people[0], preset.apps)}
+    for app in preset.apps:
+        state[app] = reg[app][1](random.Random(f"{preset.seed}/{app}"), people, preset)
+    return people, state
+
+
+def task_ids(preset: Preset, split: str) -> list[str]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits: {list(SPLITS)}")
+    counts = dict(preset.variants)
+    return [f"{s.name}.{split}.{k}" for s in preset.scenarios
+            if s.challenge == (split == "test_challenge") for k in range(counts[split])]
+
+
+def parse_task_id(preset: Preset, task_id: str) -> tuple[Scenario, str, int]:
+    """Split a task id into (scenario, split, variant); ValueError says what is valid."""
+    parts = str(task_id).split(".")
+    if len(parts) != 3 or parts[1] not in SPLITS or not parts[2].isdigit():
+        raise ValueError(f"bad task id {task_id!r}: expected '<scenario>.<split>.<k>' with split "
+                         f"in {list(SPLITS)}; see list_tasks({preset.name!r}, split)")
+    if task_id not in task_ids(preset, parts[1]):
+        raise ValueError(f"task {task_id!r} is not in {preset.name}'s {parts[1]!r} split; "
+                         f"splits: {list(SPLITS)}; see list_tasks({preset.name!r}, split)")
+    return preset.scenario(parts[0]), parts[1], int(parts[2])
+
+
+def build_task(preset: Preset, task_id: str) -> tuple[dict, TaskSpec]:
+    """The task's initial state (a fresh copy) and its spec."""
+    scenario, split, _ = parse_task_id(preset, task_id)
+    people, base = base_state(preset)
+    state = copy_state(base)
+    gen = Gen(random.Random(f"{preset.seed}/{task_id}"), state, people, preset.n_contacts, split)
+    return state, scenario.make(gen)
+
+
+def ground_truth(preset: Preset, task_id: str) -> list[str]:
+    """The scripted solution: one code string per turn."""
+    people, _ = base_state(preset)
+    _, spec = build_task(preset, task_id)
+    return render_solution(spec.solution, preset.auth, people[0]["email"])
+
+
+TINY = Preset("miniworld-tiny", ("phone", "notes", "payments"), TINY_SCENARIOS, auth=False,
+              n_people=40, n_contacts=24, seed=7,
+              variants=(("train", 8), ("dev", 3), ("test_normal", 3), ("test_challenge", 3)))
+PRESETS = {p.name: p for p in (TINY,)}
