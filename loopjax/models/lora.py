@@ -1,0 +1,71 @@
+"""LoRA: low-rank adapters kept as their own pytree, apart from the frozen base weights.
+
+W_eff = W + scale * A B with A in x r, B r x out, scale = alpha / r. A starts like PEFT's
+(kaiming-uniform, bound 1/sqrt(in)), B at zero, so a fresh adapter leaves the model unchanged.
+Weights are stacked over layers like the base: weights[name]["a"] is L x in x r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from loopjax.models.config import ModelConfig
+from loopjax.models.transformer import PROJECTIONS, projection_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16  # r
+    alpha: float = 32.0  # scale = alpha / rank
+    dropout: float = 0.0  # the paper uses 0; other values are rejected (not implemented)
+    targets: tuple[str, ...] = PROJECTIONS  # which projections of each block get an adapter
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"lora rank must be positive, got {self.rank}")
+        if self.dropout != 0.0:
+            raise ValueError(f"lora dropout {self.dropout} is not supported; use 0.0 (the paper's)")
+        unknown = set(self.targets) - set(PROJECTIONS)
+        if unknown or not self.targets:
+            raise ValueError(f"lora targets {sorted(unknown) or '()'} invalid; choose from {PROJECTIONS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@flax.struct.dataclass
+class LoRA:
+    """weights: {projection: {"a": L x in x r, "b": L x r x out}}; scale is static (not trained)."""
+    weights: dict
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+
+def init_lora(config: ModelConfig, lora_config: LoraConfig, key: jax.Array,
+              dtype=jnp.float32) -> LoRA:
+    shapes = projection_shapes(config)
+    keys = jax.random.split(key, len(lora_config.targets))
+    weights = {}
+    for k, name in zip(keys, lora_config.targets):
+        fan_in, fan_out = shapes[name]
+        bound = 1.0 / fan_in ** 0.5
+        a = jax.random.uniform(k, (config.num_layers, fan_in, lora_config.rank), jnp.float32,
+                               -bound, bound)
+        weights[name] = {"a": a.astype(dtype),
+                         "b": jnp.zeros((config.num_layers, lora_config.rank, fan_out), dtype)}
+    return LoRA(weights=weights, scale=lora_config.scale)
+
+
+def merge_lora(params: dict, lora: LoRA) -> dict:
+    """Base params with scale * A B added to each adapted kernel (a new pytree; inputs untouched)."""
+    layers = dict(params["layers"])
+    for name, ab in lora.weights.items():
+        kernel = layers[name]["kernel"]
+        delta = lora.scale * jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32),
+                                        ab["b"].astype(jnp.float32))
+        layers[name] = dict(layers[name], kernel=(kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+    return dict(params, layers=layers)

@@ -1,0 +1,277 @@
+"""One decoder-only transformer (Qwen2/Qwen2.5, Qwen3, Llama 3) as pure functions over a param pytree.
+
+Params are nested dicts of arrays; every per-layer tensor is stacked on a leading L axis so the
+layers run under one `lax.scan` (one layer compiled, not L):
+
+    embed V x D;  final_norm D;  unembed D x V (absent when embeddings are tied)
+    layers/attn_norm, layers/mlp_norm                      L x D
+    layers/{q,k,v}_proj/kernel L x D x (H*Dh | Hk*Dh), bias L x (H*Dh | Hk*Dh) (Qwen2 only)
+    layers/o_proj/kernel L x (H*Dh) x D
+    layers/{q,k}_norm L x Dh (Qwen3 only)
+    layers/{gate,up}_proj/kernel L x D x F;  layers/down_proj/kernel L x F x D
+
+Numerics: matmuls in the params dtype; RMSNorm, RoPE, softmax and logits in fp32.
+
+Rows are right-padded or packed: `segment_ids_BxT` (0 = padding, 1, 2, ... = packed sequences);
+attention stays within a segment and is causal. The KV-cache path (used by loopjax.sampling)
+appends each row's new tokens after that row's cached ones.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from loopjax.models.config import ModelConfig
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer inside a block."""
+    D, F, H, Hk, Dh = (config.hidden_size, config.intermediate_size, config.num_heads,
+                                          config.num_kv_heads, config.head_dim)
+    return {"q_proj": (D, H * Dh), "k_proj": (D, Hk * Dh), "v_proj": (D, Hk * Dh),
+                    "o_proj": (H * Dh, D), "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> dict:
+    """Random params (normal(0, 0.02) weights, unit norms, zero biases), for training from scratch."""
+    dtype, L, D, V = config.jnp_dtype, config.num_layers, config.hidden_size, config.vocab_size
+    keys = iter(jax.random.split(key, 16))
+
+    def normal(shape):
+        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    layers = {"attn_norm": jnp.ones((L, D), dtype), "mlp_norm": jnp.ones((L, D), dtype)}
+    for name, (fan_in, fan_out) in projection_shapes(config).items():
+        layers[name] = {"kernel": normal((L, fan_in, fan_out))}
+        if config.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
+            layers[name]["bias"] = jnp.zeros((L, fan_out), dtype)
+    if config.qk_norm:
+        layers["q_norm"] = jnp.ones((L, config.head_dim), dtype)
+        layers["k_norm"] = jnp.ones((L, config.head_dim), dtype)
+    params = {"embed": normal((V, D)), "layers": layers, "final_norm": jnp.ones((D,), dtype)}
+    if not config.tie_embeddings:
+        params["unembed"] = normal((D, V))
+    return params
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-slot keys and values; `lengths_B` = how many positions of each slot hold real tokens."""
+    k_LxBxSxHkxDh: jax.Array
+    v_LxBxSxHkxDh: jax.Array
+    lengths_B: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k_LxBxSxHkxDh.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.jnp_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * scale).astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies of RoPE, with Llama-3 wavelength-dependent scaling when configured."""
+    Dh = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
+    if not config.rope_scaling:
+        return inv_freq
+    s = dict(config.rope_scaling)
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
+    wavelen = 2 * jnp.pi / inv_freq
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    middle = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(middle, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxDh, positions_BxT, inv_freq):
+    """Rotates halves (the HF convention: pairs are (i, i + Dh/2)), in fp32."""
+    angles_BxTxDh2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq[None, None]
+    cos, sin = jnp.cos(angles_BxTxDh2)[:, :, None, :], jnp.sin(angles_BxTxDh2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxDh.dtype)
+
+
+def linear(x, p, name, lora_p, lora_scale):
+    """y = x W (+ b) (+ scale * x A B): the LoRA path never materializes W + AB."""
+    y = jnp.einsum("btd,df->btf", x, p[name]["kernel"])
+    if "bias" in p[name]:
+        y = y + p[name]["bias"][None, None]
+    if lora_p is not None and name in lora_p:
+        a, b = lora_p[name]["a"], lora_p[name]["b"]
+        y = y + (lora_scale * jnp.einsum("btr,rf->btf", jnp.einsum("btd,dr->btr", x, a.astype(x.dtype)),
+                                                                          b.astype(x.dtype))).astype(y.dtype)
+    return y
+
+
+def attention(q_BxTxHxDh, k_BxSxHkxDh, v_BxSxHkxDh, mask_BxTxS):
+    """Grouped-query attention with fp32 scores and softmax."""
+    B, T, H, Dh = q_BxTxHxDh.shape
+    Hk = k_BxSxHkxDh.shape[2]
+    q_BxTxHkxGxDh = q_BxTxHxDh.reshape(B, T, Hk, H // Hk, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxHkxGxDh, k_BxSxHkxDh,
+                                            preferred_element_type=jnp.float32) * (Dh ** -0.5)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxHkxDh.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxHkxDh)
+    return out.reshape(B, T, H * Dh)
+
+
+def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, mask_BxTxS, kv_cache):
+    """One pre-norm block. kv_cache = None or (k_BxSxHkxDh, v_BxSxHkxDh, write_idx_BxT)."""
+    B, T, _ = x_BxTxD.shape
+    H, Hk, Dh, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
+    inv_freq = rope_inv_freq(config)
+    lin = functools.partial(linear, p=p, lora_p=lora_p, lora_scale=lora_scale)
+
+    # --- attention
+    h = rms_norm(x_BxTxD, p["attn_norm"], eps)
+    q = lin(h, name="q_proj").reshape(B, T, H, Dh)
+    k = lin(h, name="k_proj").reshape(B, T, Hk, Dh)
+    v = lin(h, name="v_proj").reshape(B, T, Hk, Dh)
+    if config.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+    q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+    new_kv = None
+    if kv_cache is not None:
+        cache_k, cache_v, write_idx_BxT = kv_cache
+        rows_Bx1 = jnp.arange(B)[:, None]
+        # mode="drop": a write past the cache end is dropped, never clamped onto real entries.
+        cache_k = cache_k.at[rows_Bx1, write_idx_BxT].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[rows_Bx1, write_idx_BxT].set(v.astype(cache_v.dtype), mode="drop")
+        k, v, new_kv = cache_k, cache_v, (cache_k, cache_v)
+    x_BxTxD = x_BxTxD + lin(attention(q, k, v, mask_BxTxS), name="o_proj")
+
+    # --- SwiGLU MLP
+    h = rms_norm(x_BxTxD, p["mlp_norm"], eps)
+    h = jax.nn.silu(lin(h, name="gate_proj")) * lin(h, name="up_proj")
+    return x_BxTxD + lin(h, name="down_proj"), new_kv
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _lora_parts(lora):
+    if lora is None:
+        return None, 1.0
+    return lora.weights, lora.scale
+
+
+def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None,
+                                    segment_ids_BxT=None, lora=None, cache: KVCache | None = None):
+    """Final-normed hidden states h_BxTxD (and the updated cache when given one)."""
+    B, T = tokens_BxT.shape
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    t_T = jnp.arange(T)
+    if cache is None:
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(t_T, (B, T))
+        same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+        mask_BxTxS = same_segment & (t_T[None, :, None] >= t_T[None, None, :])
+        write_idx_BxT = None
+    else:
+        # Row b's new tokens sit at cache positions lengths[b] + t; padding tokens (segment 0) are
+        # written too but never attended by real tokens and are overwritten by the next call.
+        write_idx_BxT = cache.lengths_B[:, None] + t_T[None, :]
+        if positions_BxT is None:
+            positions_BxT = write_idx_BxT
+        s_S = jnp.arange(cache.max_len)
+        mask_BxTxS = s_S[None, None, :] <= write_idx_BxT[:, :, None]
+
+    x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0)
+    lora_w, lora_scale = _lora_parts(lora)
+    lora_layers = None if lora_w is None else lora_w
+
+    def layer(x, xs):
+        p, lp, ck, cv = xs
+        kv = None if ck is None else (ck, cv, write_idx_BxT)
+        x, new_kv = block(config, x, p, lp, lora_scale, positions_BxT, mask_BxTxS, kv)
+        return x, new_kv
+
+    if config.remat:
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+    ck = None if cache is None else cache.k_LxBxSxHkxDh
+    cv = None if cache is None else cache.v_LxBxSxHkxDh
+    x_BxTxD, new_kv = jax.lax.scan(layer, x_BxTxD, (params["layers"], lora_layers, ck, cv))
+    h_BxTxD = rms_norm(x_BxTxD, params["final_norm"], config.rms_norm_eps)
+    if cache is None:
+        return h_BxTxD, None
+    num_new_B = jnp.sum(segment_ids_BxT > 0, axis=1).astype(jnp.int32)
+    return h_BxTxD, KVCache(new_kv[0], new_kv[1], cache.lengths_B + num_new_B)
+
+
+def unembed(config: ModelConfig, params, h_BxTxD):
+    """fp32 logits; the matmul accumulates in fp32 without upcasting bf16 weights in memory."""
+    w_DxV = params["embed"].T if config.tie_embeddings else params["unembed"]
+    return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype),
+                                        preferred_element_type=jnp.float32)
+
+
+def forward(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None,
+                        lora=None, cache: KVCache | None = None):
+    """logits_BxTxV (fp32); with a cache, returns (logits_BxTxV, new_cache)."""
+    h, new_cache = hidden_states(config, params, tokens_BxT, positions_BxT=positions_BxT,
+                                                              segment_ids_BxT=segment_ids_BxT, lora=lora, cache=cache)
+    logits = unembed(config, params, h)
+    return logits if cache is None else (logits, new_cache)
+
+
+def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None,
+                                      segment_ids_BxT=None, lora=None, temperature: float = 1.0):
+    """logp_BxT[b, t] = log p(tokens[b, t] | tokens[b, <t]) within its segment.
+
+    0 at t = 0, at each segment's first token and on padding. The log-softmax over V runs on chunks
+    of `config.logits_chunk` tokens, rematerialized in the backward pass, so a [B, T, V] array of
+    logits never exists at once (152K-vocab Qwen at T = 32K would need 19 GB per row).
+    """
+    B, T = tokens_BxT.shape
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((B, T), jnp.int32)
+    h_BxTxD, _ = hidden_states(config, params, tokens_BxT, positions_BxT=positions_BxT,
+                                                          segment_ids_BxT=segment_ids_BxT, lora=lora)
+    # Hidden state at t predicts token t + 1.
+    targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros((B, 1), tokens_BxT.dtype)], axis=1)
+    C = min(config.logits_chunk, T)
+    pad = (-T) % C
+    h_pad = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    tgt_pad = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    n = (T + pad) // C
+    h_NxBxCxD = h_pad.reshape(B, n, C, -1).transpose(1, 0, 2, 3)
+    tgt_NxBxC = tgt_pad.reshape(B, n, C).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def chunk(args):
+        h_BxCxD, tgt_BxC = args
+        logits_BxCxV = unembed(config, params, h_BxCxD) / temperature
+        picked = jnp.take_along_axis(logits_BxCxV, tgt_BxC[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits_BxCxV, axis=-1)
+
+    lp_NxBxC = jax.lax.map(chunk, (h_NxBxCxD, tgt_NxBxC))
+    lp_next_BxT = lp_NxBxC.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
+    logp_BxT = jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp_next_BxT[:, :-1]], axis=1)
+    continues = (segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1]) & (segment_ids_BxT[:, 1:] > 0)
+    valid_BxT = jnp.concatenate([jnp.zeros((B, 1), bool), continues], axis=1)
+    return jnp.where(valid_BxT, logp_BxT, 0.0)
