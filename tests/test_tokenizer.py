@@ -67,6 +67,9 @@ LLAMA3 = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{%- endif %}")
 
+NO_SYSTEM = ("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+             "supported') }}{%- endif %}" + QWEN3)
+
 CHATML_SPECIALS = ["<|endoftext|>", IM_START, IM_END]
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eot_id|>"]
@@ -101,6 +104,7 @@ def folders(tmp_path_factory):
                                  bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"),
         "chatml_no_template": make_hf_folder(root / "plain", CHATML_SPECIALS, None, **chatml),
         "no_chat_tokens": make_hf_folder(root / "bare", ["<unk>", "</s>"], None, eos_token="</s>"),
+        "no_system": make_hf_folder(root / "nosys", CHATML_SPECIALS, NO_SYSTEM, **chatml),
         "spm": root / "spm",
     }
 
@@ -175,6 +179,8 @@ def test_chatml_fallback_and_errors(folders, tmp_path):
     assert tok.decode(tok.turn_prefix_ids("tool")) == "<|im_start|>tool\n"  # any role in ChatML
     with pytest.raises(ValueError, match="no chat template"):
         load_tokenizer(folders["no_chat_tokens"])
+    with pytest.raises(ValueError, match="System role not supported"):
+        load_tokenizer(folders["no_system"])
     with pytest.raises(KeyError, match="not in this chat template"):
         load_tokenizer(folders["llama3"]).turn_prefix_ids("tool")
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -238,7 +238,11 @@ def _load_hf(path: str) -> HFTokenizer:
         def render(messages, add_generation_prompt):
             return hf.apply_chat_template(messages, tokenize=False,
                                           add_generation_prompt=add_generation_prompt)
-        pieces = pieces_from_chat_template(render, hf.bos_token)
+        try:
+            pieces = pieces_from_chat_template(render, hf.bos_token)
+        except Exception as e:  # a template may raise on a system role, jinja errors, ...
+            raise ValueError(f"cannot use the chat template of {path!r}: loopjax needs one that "
+                             f"renders system, user and assistant messages ({e})") from e
     elif IM_START in hf.get_vocab() and IM_END in hf.get_vocab():
         pieces = chatml_pieces()
     else:
