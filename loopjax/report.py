@@ -1,0 +1,242 @@
+"""Human-readable outputs of a run: learning-curve PNG, trajectory viewer HTML, before/after table.
+
+Everything here reads plain records (metrics.jsonl lines, episode dicts) so it works on a finished,
+crashed or still-running run alike, and on a machine without JAX.
+"""
+from __future__ import annotations
+
+import html
+import os
+import re
+from collections import defaultdict
+
+from loopjax.metrics import MetricsWriter
+
+_EVAL_KEY = re.compile(r"^eval/(?P<split>[^/]+)/(?P<name>success|reward)$")
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one key, skipping records without it and nulls (NaN written as null)."""
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and "step" in record:  # bools count: success as 0/1
+            steps.append(record["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def learning_curve(run_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> str:
+    """Draws run_dir/learning_curve.png from metrics.jsonl; returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on TPU hosts and CI
+    import matplotlib.pyplot as plt
+
+    run_dir = os.fspath(run_dir)
+    out_path = os.fspath(out_path) if out_path is not None else os.path.join(run_dir, "learning_curve.png")
+    records = MetricsWriter.read(run_dir)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 2])
+    try:
+        drawn_top = _draw_top(top, records)
+        drawn_bottom = _draw_bottom(bottom, records)
+        if not (drawn_top or drawn_bottom):
+            top.text(0.5, 0.5, "no metrics yet", ha="center", va="center", fontsize=16,
+                     transform=top.transAxes)
+        bottom.set_xlabel("iteration")
+        fig.suptitle(f"loopjax: {os.path.basename(os.path.abspath(run_dir))}")
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        fig.savefig(out_path, dpi=100)
+    finally:
+        plt.close(fig)
+    return out_path
+
+
+def _draw_top(ax, records: list[dict]) -> bool:
+    drawn = False
+    for key, label, color in (("train/reward", "train reward", "tab:blue"),
+                              ("train/success", "train success", "tab:green")):
+        steps, values = _series(records, key)
+        if steps:
+            ax.plot(steps, values, color=color, label=label, linewidth=1.5)
+            drawn = True
+    eval_keys = sorted({key for record in records for key in record if _EVAL_KEY.match(key)})
+    splits = sorted({_EVAL_KEY.match(key)["split"] for key in eval_keys})
+    colors = dict(zip(splits, ["tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
+                               "tab:olive", "tab:cyan", "tab:gray"] * 4))
+    for key in eval_keys:
+        match = _EVAL_KEY.match(key)
+        steps, values = _series(records, key)
+        if steps:
+            marker, line = ("o", "--") if match["name"] == "success" else ("s", ":")
+            ax.plot(steps, values, marker=marker, linestyle=line, color=colors[match["split"]],
+                    label=f"eval {match['split']} {match['name']}", markersize=6)
+            drawn = True
+    ax.set_ylabel("reward / success rate")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(loc="best", fontsize=8)
+    return drawn
+
+
+def _draw_bottom(ax, records: list[dict]) -> bool:
+    drawn = False
+    kl_key = next((k for k in ("update/kl_k3", "update/kl_k1") if _series(records, k)[0]), None)
+    if kl_key is not None:
+        steps, values = _series(records, kl_key)
+        ax.plot(steps, values, color="tab:blue", label=kl_key.split("/")[-1].replace("_", " "))
+        ax.set_ylabel("KL")
+        drawn = True
+    steps, values = _series(records, "update/clip_fraction")
+    if steps:
+        # Clip fraction lives in [0, 1] while KL is often 1e-3: give it its own axis.
+        twin = ax.twinx() if drawn else ax
+        twin.plot(steps, values, color="tab:orange", label="clip fraction")
+        twin.set_ylabel("clip fraction")
+        if twin is not ax:
+            lines = ax.get_lines() + twin.get_lines()
+            ax.legend(lines, [line.get_label() for line in lines], loc="best", fontsize=8)
+        drawn = True
+    elif drawn:
+        ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return drawn
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #222; }
+table.summary { border-collapse: collapse; margin-bottom: 2em; }
+table.summary th, table.summary td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+table.summary th { background: #f3f3f3; }
+details.episode { border: 1px solid #ccc; border-radius: 4px; margin: 0.6em 0; padding: 0.4em 0.8em; }
+details.episode > summary { cursor: pointer; font-weight: 600; }
+.ok { color: #17702a; } .bad { color: #b3261e; }
+pre { background: #f6f8fa; padding: 0.6em; overflow-x: auto; white-space: pre-wrap; word-break: break-word; }
+pre.output { background: #fffbe6; }
+.turn { border-left: 3px solid #9ab; padding-left: 0.8em; margin: 1em 0; }
+.label { font-size: 0.85em; color: #555; text-transform: uppercase; letter-spacing: 0.05em; }
+ul.tests li.ok::marker { content: "\\2714  "; } ul.tests li.bad::marker { content: "\\2718  "; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _success_cell(success) -> str:
+    return '<span class="ok">yes</span>' if success else '<span class="bad">no</span>'
+
+
+def trajectories_html(episodes: list[dict], out_path: str | os.PathLike,
+                      title: str = "loopjax trajectories") -> str:
+    """Writes one static, self-contained page to read episodes, grouped by tag; returns its path.
+
+    All text from episodes is escaped: agent output and environment replies are untrusted.
+    """
+    by_tag: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    for index, episode in enumerate(episodes):
+        by_tag[str(episode.get("tag", "untagged"))].append((index, episode))
+
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{_e(title)}</h1>"]
+    if not episodes:
+        parts.append("<p>No episodes.</p>")
+    parts.append('<table class="summary"><thead><tr><th>#</th><th>tag</th><th>split</th><th>task</th>'
+                 "<th>iteration</th><th>reward</th><th>success</th><th>turns</th></tr></thead><tbody>")
+    for tag, items in by_tag.items():
+        for index, episode in items:
+            parts.append(
+                f'<tr><td><a href="#ep{index}">{index}</a></td><td>{_e(tag)}</td>'
+                f"<td>{_e(episode.get('split', ''))}</td>"
+                f'<td><a href="#ep{index}">{_e(episode.get("task_id", ""))}</a></td>'
+                f"<td>{_e(episode.get('iteration', ''))}</td>"
+                f"<td>{_format_reward(episode.get('reward'))}</td>"
+                f"<td>{_success_cell(episode.get('success'))}</td>"
+                f"<td>{_e(episode.get('num_turns', len(episode.get('turns', []))))}</td></tr>")
+    parts.append("</tbody></table>")
+    for section, (tag, items) in enumerate(by_tag.items()):
+        successes = sum(bool(episode.get("success")) for _, episode in items)
+        parts.append(f'<section id="tag{section}"><h2>{_e(tag)} '
+                     f"<small>({successes}/{len(items)} succeeded)</small></h2>")
+        parts.extend(_episode_html(index, episode) for index, episode in items)
+        parts.append("</section>")
+    parts.append("</body></html>")
+
+    out_path = os.fspath(out_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts) + "\n")
+    return out_path
+
+
+def _format_reward(reward) -> str:
+    return f"{reward:.3f}" if isinstance(reward, (int, float)) else _e(reward if reward is not None else "")
+
+
+def _episode_html(index: int, episode: dict) -> str:
+    status = "ok" if episode.get("success") else "bad"
+    head = (f'<span class="{status}">{"&#10004;" if episode.get("success") else "&#10008;"}</span> '
+            f"{_e(episode.get('task_id', ''))} &middot; {_e(episode.get('split', ''))} &middot; "
+            f"reward {_format_reward(episode.get('reward'))} &middot; "
+            f"{_e(episode.get('num_turns', len(episode.get('turns', []))))} turns &middot; "
+            f"iteration {_e(episode.get('iteration', ''))}")
+    out = [f'<details class="episode" id="ep{index}"><summary>{head}</summary>',
+           '<p class="label">instruction</p>', f"<pre>{_e(episode.get('instruction', ''))}</pre>"]
+    for number, turn in enumerate(episode.get("turns", []), start=1):
+        out.append(f'<div class="turn"><h4>turn {number}</h4>')
+        out.append(f'<p class="label">assistant</p><pre>{_e(turn.get("assistant", ""))}</pre>')
+        if turn.get("code"):
+            out.append(f'<p class="label">executed code</p><pre>{_e(turn["code"])}</pre>')
+        out.append(f'<p class="label">output</p><pre class="output">{_e(turn.get("output", ""))}</pre>')
+        out.append("</div>")
+    passes, failures = episode.get("passes", []), episode.get("failures", [])
+    out.append(f'<p class="label">unit tests: {len(passes)} passed, {len(failures)} failed</p>'
+               '<ul class="tests">')
+    out.extend(f'<li class="ok">{_e(test)}</li>' for test in passes)
+    out.extend(f'<li class="bad">{_e(test)}</li>' for test in failures)
+    out.append("</ul></details>")
+    return "\n".join(out)
+
+
+def before_after_table(before: dict[str, dict], after: dict[str, dict]) -> str:
+    """Console table, one row per split: TGC / SGC / mean reward before and after LOOP.
+
+    Inputs per split: {"tgc": [0, 1], "sgc": [0, 1], "reward": float, "num_tasks": int}.
+    TGC and SGC print as percentages with one decimal, deltas in percentage points; rewards with 3.
+    A split missing from one side shows "-".
+    """
+    header = ["split", "tasks", "TGC before", "TGC after", "delta", "SGC before", "SGC after", "delta",
+              "reward before", "reward after"]
+    splits = list(before) + [split for split in after if split not in before]
+    rows = []
+    for split in splits:
+        b, a = before.get(split, {}), after.get(split, {})
+        num = a.get("num_tasks", b.get("num_tasks"))
+        rows.append([split, "-" if num is None else str(num),
+                     _pct(b.get("tgc")), _pct(a.get("tgc")), _delta(b.get("tgc"), a.get("tgc")),
+                     _pct(b.get("sgc")), _pct(a.get("sgc")), _delta(b.get("sgc"), a.get("sgc")),
+                     _num(b.get("reward")), _num(a.get("reward"))])
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return " | ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                          for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _delta(before, after) -> str:
+    if before is None or after is None:
+        return "-"
+    return f"{round(100 * (after - before), 1) + 0.0:+.1f}"  # + 0.0: never print "-0.0"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
