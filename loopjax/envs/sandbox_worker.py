@@ -50,6 +50,7 @@ SAFE_BUILTINS = (
     "type zip staticmethod classmethod property True False None NotImplemented Ellipsis "
     "__build_class__").split()
 NOBODY = 65534
+MAX_ARGUMENT_CHARS = 100_000
 
 
 class ApiError(Exception):
@@ -92,10 +93,13 @@ def make_apis(channel):
         if args:
             raise TypeError(f"apis.{app}.{api} takes keyword arguments only")
         try:
-            json.dumps(kwargs)
+            size = len(json.dumps(kwargs))
         except (TypeError, ValueError) as e:
             raise TypeError(f"API arguments must be JSON values (str, int, float, bool, "
                             f"list, dict, None): {e}") from None
+        if size > MAX_ARGUMENT_CHARS:
+            raise ValueError(f"API arguments are too large ({size} > {MAX_ARGUMENT_CHARS} "
+                             "characters as JSON)")
         channel.send({"op": "call", "app": app, "api": api, "kwargs": kwargs})
         reply = channel.recv()
         if not reply["ok"]:

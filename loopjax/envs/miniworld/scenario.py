@@ -56,7 +56,7 @@ class Gen:
     def __init__(self, rng: random.Random, state: dict, people: list[dict], n_contacts: int,
                  split: str):
         self.rng, self.state, self.people = rng, state, people
-        mods = _POOL[split]
+        self.mods = mods = _POOL[split]
         self.contacts = [p for i, p in enumerate(people[1:n_contacts + 1], 1) if i % 4 in mods]
         self.strangers = [p for i, p in enumerate(people) if i > n_contacts and i % 4 in mods]
         self.sup = people[0]
@@ -80,6 +80,12 @@ class Gen:
 
     def pick(self, seq):
         return self.rng.choice(list(seq))
+
+    def record(self, app: str, table: str, where: Callable[[dict], bool] = lambda r: True):
+        """A record of the base state from this split's pool (record id mod 4)."""
+        rows = [r for rid, r in sorted(self.state[app][table].items())
+                if rid % 4 in self.mods and where(r)]
+        return self.rng.choice(rows)
 
     def add(self, app: str, table: str, id_key: str, **record) -> int:
         """Insert a record into the task's initial state; return its id."""

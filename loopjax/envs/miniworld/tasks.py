@@ -15,6 +15,8 @@ import random
 from loopjax.envs.miniworld import apps_core, apps_notes_pay, data
 from loopjax.envs.miniworld.framework import App
 from loopjax.envs.miniworld.scenario import SPLITS, Gen, Scenario, TaskSpec, render_solution
+from loopjax.envs.miniworld.scenarios_cross import CROSS_SCENARIOS
+from loopjax.envs.miniworld.scenarios_full import FULL_SCENARIOS
 from loopjax.envs.miniworld.scenarios_tiny import TINY_SCENARIOS
 from loopjax.envs.miniworld.world import copy_state
 
@@ -109,4 +111,9 @@ def ground_truth(preset: Preset, task_id: str) -> list[str]:
 TINY = Preset("miniworld-tiny", ("phone", "notes", "payments"), TINY_SCENARIOS, auth=False,
               n_people=40, n_contacts=24, seed=7,
               variants=(("train", 8), ("dev", 3), ("test_normal", 3), ("test_challenge", 3)))
-PRESETS = {p.name: p for p in (TINY,)}
+FULL = Preset("miniworld", ("phone", "notes", "payments", "email", "calendar", "music",
+                           "shopping", "file_system"),
+              TINY_SCENARIOS + FULL_SCENARIOS + CROSS_SCENARIOS, auth=True, n_people=80,
+              n_contacts=40, seed=11,
+              variants=(("train", 3), ("dev", 2), ("test_normal", 2), ("test_challenge", 3)))
+PRESETS = {p.name: p for p in (TINY, FULL)}
