@@ -123,9 +123,14 @@ def scenario_id(task_id: str) -> str:
     return task_id.rsplit("_", 1)[0] if "_" in task_id else task_id
 
 
-def _appworld_unavailable(*args, **kwargs):
-    raise NotImplementedError("the 'appworld' world is not built yet (it needs the AppWorld "
-                              "package and data); use world='miniworld' or 'miniworld-tiny'")
+def _appworld_env(**options):  # imported on use: loopjax.envs.appworld imports this module
+    from loopjax.envs.appworld import AppWorldEnv  # noqa: PLC0415
+    return AppWorldEnv(**options)
 
 
-register_world("appworld", WorldEntry(_appworld_unavailable, _appworld_unavailable))
+def _appworld_tasks(split: str) -> list[str]:
+    from loopjax.envs.appworld import appworld_task_ids  # noqa: PLC0415
+    return appworld_task_ids(split)
+
+
+register_world("appworld", WorldEntry(_appworld_env, _appworld_tasks))
