@@ -46,7 +46,7 @@ import weakref
 from collections import defaultdict
 from typing import Mapping
 
-from loopjax.envs.base import EvalResult, Observation, StepResult, Supervisor
+from loopjax.envs.base import EvalResult, Observation, StepResult, Supervisor, scenario_id
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def goal_completion(successes: Mapping[str, bool | EvalResult]) -> dict[str, flo
     by_scenario: dict[str, list[float]] = defaultdict(list)
     for task_id, r in successes.items():
         ok = r.success if isinstance(r, EvalResult) else bool(r)
-        by_scenario[str(task_id).split(":")[0].split("_")[0]].append(float(ok))
+        by_scenario[scenario_id(str(task_id).split(":")[0])].append(float(ok))
     if not by_scenario:
         raise ValueError("goal_completion needs at least one task result")
     tasks = [s for scores in by_scenario.values() for s in scores]
