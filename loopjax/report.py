@@ -12,7 +12,9 @@ from collections import defaultdict
 
 from loopjax.metrics import MetricsWriter
 
-_EVAL_KEY = re.compile(r"^eval/(?P<split>[^/]+)/(?P<name>success|reward)$")
+# Held-out points: eval/<split>/success, or eval/<split>/tgc (task goal completion, the same thing
+# under the paper's name, which is what loopjax.eval writes), and eval/<split>/reward.
+_EVAL_KEY = re.compile(r"^eval/(?P<split>[^/]+)/(?P<name>success|tgc|reward)$")
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -69,7 +71,7 @@ def _draw_top(ax, records: list[dict]) -> bool:
         match = _EVAL_KEY.match(key)
         steps, values = _series(records, key)
         if steps:
-            marker, line = ("o", "--") if match["name"] == "success" else ("s", ":")
+            marker, line = ("s", ":") if match["name"] == "reward" else ("o", "--")
             ax.plot(steps, values, marker=marker, linestyle=line, color=colors[match["split"]],
                     label=f"eval {match['split']} {match['name']}", markersize=6)
             drawn = True

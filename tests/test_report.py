@@ -126,7 +126,7 @@ def test_learning_curve_png(tmp_path):
                                 "update/kl_k3": 0.01 * math.sqrt(step), "update/clip_fraction": 0.1})
             if step % 5 == 0:
                 writer.write(step, {"success": step / 25, "reward": step / 22}, prefix="eval/dev/")
-                writer.write(step, {"success": step / 30}, prefix="eval/test_normal/")
+                writer.write(step, {"tgc": step / 30, "num_tasks": 12}, prefix="eval/test_normal/")
         writer.write(20, {"train/reward": float("nan")})  # a null must not break the plot
     path = learning_curve(tmp_path)
     assert path == str(tmp_path / "learning_curve.png")
