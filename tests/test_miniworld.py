@@ -127,6 +127,8 @@ def test_full_preset_size():
 def test_tiny_preset_is_small_and_short():
     preset = PRESETS["miniworld-tiny"]
     assert len(preset.apps) <= 3 and 8 <= len(preset.scenarios) <= 14
+    from loopjax.envs.miniworld.tasks import apps_of
+    assert sum(len(a.apis) for a in apps_of(preset).values()) <= 20  # small docs
     for task in _all_tasks("miniworld-tiny"):
         turns = ground_truth(task, "miniworld-tiny")
         assert 1 <= len(turns) <= 2
@@ -184,6 +186,6 @@ def test_registry_and_errors():
     env.close()
     with pytest.raises(ValueError, match="known worlds"):
         make_env("nope")
-    with pytest.raises(NotImplementedError, match="appworld"):
+    with pytest.raises(NotImplementedError):  # AppWorld is not installed in the test session
         make_env("appworld")
     json.dumps(ground_truth(list_tasks("miniworld", "dev")[0]))

@@ -150,6 +150,15 @@ class App:
         self.needs_login = needs_login
         self.apis: dict[str, Api] = {}
 
+    def subset(self, names: tuple[str, ...]) -> "App":
+        """A copy of this app with only the named APIs (a small preset's smaller docs)."""
+        unknown = sorted(set(names) - set(self.apis))
+        if unknown:
+            raise ValueError(f"{self.name} has no APIs {unknown}; it has {sorted(self.apis)}")
+        app = App(self.name, self.description, self.needs_login)
+        app.apis = {n: a for n, a in self.apis.items() if n in names}
+        return app
+
     def api(self, name: str, description: str, params=(), returns: Any = None, *,
             method: str = "GET", paginated: bool = False, needs_token: bool | None = None):
         """Decorator registering `fn(ctx, **kwargs)` as API `name`."""

@@ -33,6 +33,7 @@ class Preset:
     n_contacts: int                    # people[1..n_contacts] are the supervisor's contacts
     variants: tuple[tuple[str, int], ...]  # tasks per scenario in each split
     seed: int = 0
+    api_subset: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (app, APIs kept); () = all
 
     def scenario(self, name: str) -> Scenario:
         for s in self.scenarios:
@@ -54,10 +55,12 @@ def app_registry() -> dict[str, tuple[App, object]]:
     return reg
 
 
+@functools.lru_cache(maxsize=None)
 def apps_of(preset: Preset) -> dict[str, App]:
-    reg = app_registry()
-    return {"supervisor": apps_core.SUPERVISOR, "api_docs": apps_core.API_DOCS,
-            **{a: reg[a][0] for a in preset.apps}}
+    reg, keep = app_registry(), dict(preset.api_subset)
+    apps = {a: reg[a][0] for a in preset.apps}
+    apps = {a: app.subset(keep[a]) if a in keep else app for a, app in apps.items()}
+    return {"supervisor": apps_core.SUPERVISOR, "api_docs": apps_core.API_DOCS, **apps}
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,7 +113,11 @@ def ground_truth(preset: Preset, task_id: str) -> list[str]:
 
 TINY = Preset("miniworld-tiny", ("phone", "notes", "payments"), TINY_SCENARIOS, auth=False,
               n_people=40, n_contacts=24, seed=7,
-              variants=(("train", 8), ("dev", 3), ("test_normal", 3), ("test_challenge", 3)))
+              variants=(("train", 8), ("dev", 3), ("test_normal", 3), ("test_challenge", 3)),
+              api_subset=(("phone", ("search_contacts", "add_contact", "send_text_message",
+                                     "search_text_messages")),
+                          ("notes", ("search_notes", "create_note", "delete_note")),
+                          ("payments", ("show_balance", "send_money", "request_money"))))
 FULL = Preset("miniworld", ("phone", "notes", "payments", "email", "calendar", "music",
                            "shopping", "file_system"),
               TINY_SCENARIOS + FULL_SCENARIOS + CROSS_SCENARIOS, auth=True, n_people=80,
