@@ -140,6 +140,20 @@ def test_launch_runs_the_job_in_named_tmux_on_all_workers(fake_gcloud, capsys):
     assert "python -m experiments.appworld_loop" in remote.replace("python3", "python")
 
 
+def test_launch_expands_home_on_the_worker(fake_gcloud, capsys):
+    """`~/x` and `--opt=~/x` in job args and --env reach the job as the worker's $HOME/x."""
+    [ssh] = both_ways("launch", [*NODE, "--env", "JAX_COMPILATION_CACHE_DIR=~/jax cache", "--",
+                                 "--model", "~/models/Qwen 7B", "--run_dir=~/runs/a", "--x=y~/z"], fake_gcloud,
+                      capsys)
+    tmux = shlex.split(remote_command(ssh).split("; ")[-1].split(" && ", 1)[1])
+    job = tmux[5].split(" && ", 1)[1].split(" 2>&1 | ")[0]
+    words = subprocess.run(["bash", "-c", f"printf '%s\\n' {job}"], env=dict(os.environ, HOME="/h"),
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert words == ["env", "PYTHONUNBUFFERED=1", "JAX_COMPILATION_CACHE_DIR=/h/jax cache", "python3", "-m",
+                     "experiments.appworld_loop", "--model", "/h/models/Qwen 7B", "--run_dir=/h/runs/a",
+                     "--x=y~/z", "--multihost"]
+
+
 def test_launch_keeps_an_explicit_multihost(fake_gcloud, capsys):
     [ssh] = both_ways("launch", [*NODE, "--", "--env", "appworld", "--multihost=false"], fake_gcloud, capsys)
     assert remote_command(ssh).count("--multihost") == 1

@@ -46,6 +46,17 @@ def remote_path(path: str) -> str:
     return shlex.quote(path)
 
 
+def remote_word(word: str) -> str:
+    """One job argument for the remote shell: `~/x` and `NAME=~/x` / `--opt=~/x` get the worker's home.
+
+    A shell expands `~` only at the start of a word, so `--opt=~/x` is rewritten to `--opt="$HOME"/x`.
+    """
+    key, eq, value = word.partition("=")
+    if eq and value.startswith("~/") and not word.startswith("~/"):
+        return f'{shlex.quote(key)}="$HOME"/{shlex.quote(value[2:])}'
+    return remote_path(word)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -127,7 +138,8 @@ def cmd_launch(args) -> list[list[str]]:
         if "=" not in kv or not kv.split("=")[0].isidentifier():
             raise SystemExit(f"tpu.py launch: --env {kv!r} must look like NAME=VALUE")
     session, log = shlex.quote(args.session), remote_path(log_file(args))
-    job = shlex.join(["env", *DEFAULT_JOB_ENV, *args.env, "python3", "-m", JOB_MODULE, *job_args(args.job)])
+    job = " ".join(map(remote_word, ["env", *DEFAULT_JOB_ENV, *args.env, "python3", "-m", JOB_MODULE,
+                                     *job_args(args.job)]))
     # `tee -a` keeps the output of earlier launches of the same session name in one file.
     in_tmux = f"cd {remote_path(args.remote_dir)} && {job} 2>&1 | tee -a {log}"
     remote = (f"if tmux has-session -t {session} 2>/dev/null; then "
