@@ -69,12 +69,17 @@ class AppWorldError(RuntimeError):
     """The AppWorld server could not do what was asked (message says what to change)."""
 
 
-class AppWorldUnavailable(AppWorldError):
-    """AppWorld (the package, its command or its data) is not installed where loopjax looks."""
+class AppWorldUnavailable(AppWorldError, NotImplementedError):
+    """AppWorld (the package, its command or its data) is not installed where loopjax looks.
+    (Also a NotImplementedError, which is what make_env("appworld") raised before this adapter.)"""
 
 
 class _Crash(Exception):
-    """The server died, hung past a timeout, or failed a request with 5xx."""
+    """The server died, hung past a timeout, or failed a request with 5xx (answered=True)."""
+
+    def __init__(self, message: str, answered: bool = False):
+        super().__init__(message)
+        self.answered = answered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +322,7 @@ class AppWorldServer:
         except urllib.error.HTTPError as e:
             text = e.read().decode(errors="replace")[-2000:]
             if e.code >= 500:
-                raise _Crash(f"/{method} failed with HTTP {e.code}: {text}") from None
+                raise _Crash(f"/{method} failed with HTTP {e.code}: {text}", answered=True) from None
             raise AppWorldError(f"AppWorld server rejected /{method} (HTTP {e.code}): {text}") from None
         except (OSError, ValueError, KeyError) as e:  # refused, reset, timed out, bad JSON
             raise _Crash(f"/{method}: {type(e).__name__}: {e}") from None
@@ -369,7 +374,10 @@ class AppWorldEnv:
                 self._stale = False
                 break
             except _Crash as e:
-                if self.restarts >= self.config.max_restarts or not self.server.managed:
+                # A server that answers 5xx to /initialize is up but cannot load the task (its
+                # data is incomplete or the task broken): restarting would not help.
+                if e.answered or self.restarts >= self.config.max_restarts or not self.server.managed:
+                    self.task_id = None  # no episode: step() now asks for a reset
                     raise AppWorldError(f"could not initialize AppWorld task {task_id}: {e}\n"
                                         f"server log {self.server.log_path}:\n{self.server.log_tail()}")
                 self._restart(e)
