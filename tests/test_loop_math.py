@@ -113,9 +113,10 @@ class PolicyLossTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_random_all_variants(self):
         for level, form in VARIANTS:
+            fn = self._fn(level, form, denom=32)
             for seed in range(3):
                 data = random_batch(seed, scale=0.05 if level == "trajectory" else 0.3)
-                self._check(self._fn(level, form, denom=32), data, level, form, denom=32)
+                self._check(fn, data, level, form, denom=32)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_all_advantages_zero(self):

@@ -1,0 +1,275 @@
+"""TrainState, the batch the learner consumes, and the jitted, sharded, donated LOOP update step.
+
+    state = init_train_state(model_config, update_config, base_params, key, mesh)
+    update_step = make_update_step(model_config, update_config, mesh, state)
+    state, metrics = update_step(state, batch)          # jitted once per batch shape
+
+The frozen base weights live in `state.base` but never enter the jitted step's donated argument
+nor the optimizer: the step takes them as a separate, non-donated input and hands the same
+arrays back, so exactly one copy of the LLM exists. With `train_full_weights` the params are the
+trainable tree themselves and `state.base` is None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from loopjax.loop.advantages import keep_mask
+from loopjax.loop.losses import clip_range, policy_loss, LEVELS
+from loopjax.models.config import ModelConfig
+from loopjax.models.lora import LoraConfig, init_lora
+from loopjax.models.transformer import token_logprobs
+from loopjax.sharding import batch_sharding, data_parallel_size, param_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    level: str = "token"  # importance-weight level: token | turn | trajectory
+    clip_form: str | None = "reference"  # reference [1/(1+eps), 1+eps] | paper [1-eps, 1+eps] | None
+    clip_eps: float = 0.1  # clip width
+    minibatch_size: int = 32  # rollouts per optimizer step = the fixed loss denominator M
+    microbatch_size: int = 0  # rows per forward/backward inside the step (0 = the whole minibatch)
+    learning_rate: float = 5e-5  # constant AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    max_grad_norm: float = 0.1  # global-norm clip (reference code 0.1; the paper says 1.0)
+    adv_min_abs: float = 0.01  # rollouts with |A| below this get weight 0
+    adv_positive_only: bool = False  # also drop rollouts with A <= 0
+    temperature: float = 1.0  # sampling temperature the behaviour log-probs were taken at
+    remat: bool | None = None  # override ModelConfig.remat (per-layer rematerialization); None = keep
+    train_full_weights: bool = False  # train every weight instead of a LoRA adapter
+    lora: LoraConfig = LoraConfig()  # adapter shape when not train_full_weights
+    skip_outlier_grads: bool = False  # skip steps whose grad norm is > outlier_sigma above the mean
+    outlier_sigma: float = 5.0  # how many standard deviations make an outlier
+    outlier_warmup: int = 10  # accepted steps before the outlier test starts
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"level {self.level!r} must be one of {LEVELS}")
+        clip_range(self.clip_eps, self.clip_form)  # validates clip_form and clip_eps
+        mb = self.microbatch_size or self.minibatch_size
+        if self.minibatch_size <= 0 or mb <= 0 or self.minibatch_size % mb:
+            raise ValueError(f"minibatch_size {self.minibatch_size} must be a positive multiple of "
+                             f"microbatch_size {self.microbatch_size}")
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.minibatch_size // (self.microbatch_size or self.minibatch_size)
+
+
+@flax.struct.dataclass
+class Batch:
+    """One minibatch of rollouts, one rollout per right-padded row (rows B = minibatch_size).
+
+    tokens_BxT      int32  token ids; 0 on padding
+    positions_BxT   int32  RoPE positions (0, 1, 2, ... along a rollout)
+    segment_ids_BxT int32  1 on a rollout's tokens, 0 on padding
+    mask_BxT        bool   is_output: True exactly on generated tokens (these carry the loss)
+    logp_old_BxT    f32    behaviour log-probs on generated tokens (anything elsewhere)
+    adv_B           f32    the rollout's advantage
+    turn_ids_BxT    int32  turn index of each token, in [0, T) (used at level="turn")
+    weight_B        f32    1 for a real rollout, 0 for a padding row (denominator stays M)
+    """
+    tokens_BxT: jax.Array
+    positions_BxT: jax.Array
+    segment_ids_BxT: jax.Array
+    mask_BxT: jax.Array
+    logp_old_BxT: jax.Array
+    adv_B: jax.Array
+    turn_ids_BxT: jax.Array
+    weight_B: jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer steps taken (skipped steps do not count)
+    trainable: Any  # LoRA adapter, or the full params with train_full_weights
+    opt_state: Any  # optax state of `trainable` only
+    base: Any  # frozen base params (None with train_full_weights)
+    nan_skips: jax.Array  # int32: steps skipped for a non-finite loss or gradient
+    outlier_skips: jax.Array  # int32: steps skipped as grad-norm outliers
+    # Welford running statistics of accepted grad norms (scalars: the sharding table replicates them)
+    gnorm_count: jax.Array
+    gnorm_mean: jax.Array
+    gnorm_m2: jax.Array
+
+    @property
+    def params(self):
+        """The model params the forward pass uses."""
+        return self.trainable if self.base is None else self.base
+
+
+def make_optimizer(config: UpdateConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                       optax.adamw(config.learning_rate, weight_decay=config.weight_decay))
+
+
+def _state_shardings(mesh, state: TrainState):
+    """Shardings of a TrainState from the one rules table (its scalars come out replicated)."""
+    return param_shardings(mesh, state)
+
+
+def init_train_state(model_config: ModelConfig, config: UpdateConfig, params, key, mesh) -> TrainState:
+    """A sharded TrainState around `params` (which it takes over, uncopied when already sharded)."""
+    params = jax.device_put(params, param_shardings(mesh, params))
+    if config.train_full_weights:
+        trainable, base = params, None
+    else:
+        trainable, base = init_lora(model_config, config.lora, key), params
+    optimizer = make_optimizer(config)
+
+    def build(trainable):
+        return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                          opt_state=optimizer.init(trainable), base=None,
+                          nan_skips=jnp.zeros((), jnp.int32), outlier_skips=jnp.zeros((), jnp.int32),
+                          gnorm_count=jnp.zeros((), jnp.float32), gnorm_mean=jnp.zeros((), jnp.float32),
+                          gnorm_m2=jnp.zeros((), jnp.float32))
+
+    # Initialize sharded: shapes first, then a jitted init that writes straight into the shards.
+    shardings = _state_shardings(mesh, jax.eval_shape(build, trainable))
+    state = jax.jit(build, out_shardings=shardings)(
+        jax.device_put(trainable, param_shardings(mesh, trainable)))
+    return state.replace(base=base)
+
+
+def _microbatches(batch: Batch, num: int, mesh) -> Batch:
+    """[B, ...] -> [num, B/num, ...], microbatch i = rows i, i+num, ... so each stays device-local."""
+    def split(x):
+        x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        if x.shape[1] % data_parallel_size(mesh) == 0:
+            spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return x
+    return jax.tree.map(split, batch)
+
+
+_SUM_KEYS = ("num_clipped", "num_units", "k3_sum", "num_tokens", "num_rollouts")
+
+
+def _loss_fn(model_config, config, trainable, base, mb: Batch):
+    if base is None:
+        params, lora = trainable, None
+    else:
+        params, lora = base, trainable
+    logp_new_BxT = token_logprobs(model_config, params, mb.tokens_BxT, positions_BxT=mb.positions_BxT,
+                                  segment_ids_BxT=mb.segment_ids_BxT, lora=lora,
+                                  temperature=config.temperature)
+    weight_B = mb.weight_B * keep_mask(mb.adv_B, config.adv_min_abs, config.adv_positive_only)
+    mask_BxT = mb.mask_BxT & (mb.segment_ids_BxT > 0) & (weight_B[:, None] > 0)
+    loss, aux = policy_loss(logp_new_BxT, mb.logp_old_BxT, mb.adv_B, mask_BxT, level=config.level,
+                            clip_eps=config.clip_eps, clip_form=config.clip_form,
+                            turn_ids_BxT=mb.turn_ids_BxT, loss_denominator=config.minibatch_size)
+    sums = {k: aux[k] for k in _SUM_KEYS}
+    sums["log_w_sum"] = jnp.sum(aux["log_w_B"])
+    return loss, sums
+
+
+def _step(model_config, config, optimizer, mesh, state: TrainState, base, batch: Batch):
+    """Gradient accumulation over microbatches, then one guarded AdamW step."""
+    grad_fn = jax.value_and_grad(
+        lambda tr, mb: _loss_fn(model_config, config, tr, base, mb), has_aux=True)
+
+    def accumulate(carry, mb):
+        grads_acc, loss_acc, sums_acc = carry
+        (loss, sums), grads = grad_fn(state.trainable, mb)
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+        sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
+        return (grads_acc, loss_acc + loss, sums_acc), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS + ("log_w_sum",)}
+    (grads, loss, sums), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), zero_sums),
+        _microbatches(batch, config.num_microbatches, mesh))
+
+    # --- guards: a non-finite loss/gradient or (optionally) an outlier gradient norm skips the step.
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    count, mean, m2 = state.gnorm_count, state.gnorm_mean, state.gnorm_m2
+    std = jnp.sqrt(m2 / jnp.maximum(count - 1, 1))
+    outlier = (config.skip_outlier_grads & (count >= config.outlier_warmup)
+               & (grad_norm > mean + config.outlier_sigma * std))
+    apply = finite & ~outlier
+
+    def do_apply(args):
+        trainable, opt_state = args
+        grads_cast = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
+        updates, opt_state = optimizer.update(grads_cast, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    trainable, opt_state = jax.lax.cond(apply, do_apply, lambda args: args,
+                                        (state.trainable, state.opt_state))
+    new_count = count + 1
+    delta = grad_norm - mean
+    new_mean = mean + delta / new_count
+    new_m2 = m2 + delta * (grad_norm - new_mean)
+    new_state = state.replace(
+        step=state.step + apply.astype(jnp.int32), trainable=trainable, opt_state=opt_state,
+        nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
+        outlier_skips=state.outlier_skips + (finite & outlier).astype(jnp.int32),
+        gnorm_count=jnp.where(apply, new_count, count), gnorm_mean=jnp.where(apply, new_mean, mean),
+        gnorm_m2=jnp.where(apply, new_m2, m2))
+
+    n_roll = sums["num_rollouts"]
+    metrics = dict(
+        loss=loss, grad_norm=grad_norm, applied=apply, nan_skipped=~finite,
+        outlier_skipped=finite & outlier,
+        clip_fraction=sums["num_clipped"] / jnp.maximum(sums["num_units"], 1),
+        kl_k1=-sums["log_w_sum"] / jnp.maximum(n_roll, 1),
+        kl_k3=sums["k3_sum"] / jnp.maximum(sums["num_tokens"], 1),
+        num_rollouts=n_roll, num_tokens=sums["num_tokens"], step=new_state.step,
+        nan_skips=new_state.nan_skips, outlier_skips=new_state.outlier_skips)
+    return new_state, metrics
+
+
+class UpdateStep:
+    """`update_step(state, batch) -> (state, metrics)`; one jit, one compile per batch shape.
+
+    The jitted function takes (state without base, base, batch) with explicit shardings; only the
+    first is donated, so the frozen base weights are never copied and never invalidated.
+    """
+
+    def __init__(self, model_config: ModelConfig, config: UpdateConfig, mesh, state: TrainState):
+        if config.remat is not None:
+            model_config = model_config.replace(remat=config.remat)
+        if config.minibatch_size % data_parallel_size(mesh):
+            raise ValueError(f"minibatch_size {config.minibatch_size} must divide by the "
+                             f"data-parallel size {data_parallel_size(mesh)} of mesh {dict(mesh.shape)}")
+        self.config = config
+        self.mesh = mesh
+        optimizer = make_optimizer(config)
+        trained = state.replace(base=None)
+        state_sh = _state_shardings(mesh, jax.eval_shape(lambda s: s, trained))
+        base_sh = None if state.base is None else param_shardings(mesh, state.base)
+        row_sh = batch_sharding(mesh)
+        batch_sh = Batch(*([row_sh] * len(dataclasses.fields(Batch))))
+        self.batch_sharding = batch_sh
+
+        def step(trained, base, batch):
+            return _step(model_config, config, optimizer, mesh, trained, base, batch)
+
+        self.jitted = jax.jit(step, in_shardings=(state_sh, base_sh, batch_sh),
+                              out_shardings=(state_sh, NamedSharding(mesh, P())),
+                              donate_argnums=(0,))
+
+    def __call__(self, state: TrainState, batch: Batch):
+        if batch.adv_B.shape[0] != self.config.minibatch_size:
+            raise ValueError(f"batch has {batch.adv_B.shape[0]} rows but minibatch_size is "
+                             f"{self.config.minibatch_size}; pad with weight_B = 0 rows")
+        base = state.base
+        new_state, metrics = self.jitted(state.replace(base=None), base, batch)
+        return new_state.replace(base=base), metrics
+
+    def num_compiles(self) -> int:
+        return self.jitted._cache_size()
+
+
+def make_update_step(model_config: ModelConfig, config: UpdateConfig, mesh, state: TrainState):
+    return UpdateStep(model_config, config, mesh, state)

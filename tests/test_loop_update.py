@@ -1,0 +1,228 @@
+"""The jitted, sharded, donated update step and the epoch driver on a tiny model."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopjax.loop.advantages import advantages
+from loopjax.loop.epochs import EpochConfig, pack_minibatch, run_iteration
+from loopjax.loop.update import Batch, UpdateConfig, init_train_state, make_update_step
+from loopjax.models.config import ModelConfig
+from loopjax.models.transformer import forward, init_params, token_logprobs
+from loopjax.sharding import make_mesh
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8)
+
+
+def one_device_mesh():
+    return make_mesh("1,1,1", devices=jax.devices()[:1])
+
+
+def random_rollouts(seed, n, min_len=4, max_len=12):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        T = int(rng.integers(min_len, max_len + 1))
+        is_output = rng.random(T) < 0.6
+        is_output[0] = False
+        out.append(dict(tokens=rng.integers(0, CFG.vocab_size, T),
+                        is_output=is_output,
+                        logp=np.where(is_output, -rng.uniform(3.5, 4.5, T), 0.0),
+                        turn_id=np.sort(rng.integers(0, 3, T))))
+    return out
+
+
+def random_batch(seed, rows=8, length=16):
+    rollouts = random_rollouts(seed, rows)
+    adv = np.random.default_rng(seed + 100).normal(size=rows).astype(np.float32)
+    return pack_minibatch(rollouts, adv, rows, length)
+
+
+_STEPS = {}
+
+
+def make(config, mesh, seed=0, unembed_scale=1.0, fresh=False):
+    """A new TrainState and an update step; steps are shared by tests with the same config and
+    mesh shape (a fresh state each time), so each compiles once per test session."""
+    params = init_params(CFG, jax.random.key(seed))
+    params["unembed"] = params["unembed"] * unembed_scale
+    state = init_train_state(CFG, config, params, jax.random.key(seed + 1), mesh)
+    key = (config, tuple(mesh.shape.items()))
+    if fresh or key not in _STEPS:
+        _STEPS[key] = make_update_step(CFG, config, mesh, state)
+    return state, _STEPS[key]
+
+
+def run_steps(config, mesh, batches):
+    state, step = make(config, mesh)
+    metrics = []
+    for b in batches:
+        state, m = step(state, jax.device_put(b, step.batch_sharding))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state.trainable), metrics
+
+
+def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def test_mesh_2x2x2_matches_one_device(level="token"):
+    # A small learning rate: Adam turns tiny reduction-order differences of near-zero gradients
+    # into full-size steps, which would hide a real mismatch behind tolerance noise.
+    config = UpdateConfig(level=level, minibatch_size=8, microbatch_size=4, learning_rate=1e-3)
+    batches = [random_batch(s) for s in range(2)]
+    one, m1 = run_steps(config, one_device_mesh(), batches)
+    eight, m8 = run_steps(config, make_mesh("2,2,2"), batches)
+    assert_trees_close(one, eight)
+    for a, b in zip(m1, m8):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        assert a["applied"] and b["applied"]
+
+
+def test_microbatch_accumulation_matches_one_pass():
+    batches = [random_batch(3)]
+    # level="turn" here also runs the turn-level loss through the jitted step.
+    whole, _ = run_steps(UpdateConfig(level="turn", minibatch_size=8, learning_rate=1e-3),
+                         one_device_mesh(), batches)
+    accum, _ = run_steps(UpdateConfig(level="turn", minibatch_size=8, microbatch_size=2, remat=True,
+                                      learning_rate=1e-3), one_device_mesh(), batches)
+    assert_trees_close(whole, accum)
+
+
+def test_full_weights_mode_trains_params():
+    config = UpdateConfig(minibatch_size=8, train_full_weights=True, learning_rate=1e-2)
+    state, step = make(config, one_device_mesh())
+    before = np.asarray(state.params["embed"])
+    state, m = step(state, random_batch(4))
+    assert state.base is None and bool(m["applied"])
+    assert not np.allclose(before, np.asarray(state.params["embed"]))
+
+
+def test_nan_loss_skips_step_and_counts():
+    state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+    before = jax.device_get(state.trainable)
+    bad = random_batch(5)
+    bad = bad.replace(logp_old_BxT=np.where(bad.mask_BxT, np.nan, 0.0).astype(np.float32))
+    state, m = step(state, bad)
+    assert not bool(m["applied"]) and bool(m["nan_skipped"])
+    assert int(state.nan_skips) == 1 and int(state.step) == 0
+    assert_trees_close(before, jax.device_get(state.trainable), rtol=0, atol=0)
+    state, m = step(state, random_batch(5))
+    assert bool(m["applied"]) and int(state.step) == 1 and int(state.nan_skips) == 1
+
+
+def test_outlier_gradient_is_skipped():
+    config = UpdateConfig(minibatch_size=8, skip_outlier_grads=True, outlier_warmup=3)
+    state, step = make(config, one_device_mesh())
+    normal = random_batch(6)
+    for _ in range(3):
+        state, m = step(state, normal)
+        assert bool(m["applied"])
+    huge = normal.replace(adv_B=normal.adv_B * 1e4)
+    state, m = step(state, huge)
+    assert bool(m["outlier_skipped"]) and not bool(m["applied"])
+    assert int(state.outlier_skips) == 1 and int(state.step) == 3
+
+
+def test_one_copy_of_base_weights():
+    state, step = make(UpdateConfig(minibatch_size=8), make_mesh("2,2,2"))
+    embed = state.base["embed"]
+    for s in range(2):
+        state, _ = step(state, random_batch(s))
+    assert state.base["embed"] is embed and not embed.is_deleted()
+    # The optimizer state mirrors the adapter only.
+    opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state)}
+    assert embed.shape not in opt_shapes
+    live = [x for x in jax.live_arrays() if x.shape == embed.shape and x.dtype == embed.dtype]
+    assert len(live) == 1
+
+
+def test_compiles_at_most_once_per_bucket():
+    state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh(), fresh=True)
+    epoch = EpochConfig(epochs_per_iteration=1, buckets=(8, 16, 32))
+    length_ranges = [(3, 8), (9, 16), (17, 30), (3, 30)]
+    history = []
+    for it in range(10):  # 10 iterations x 2 minibatches = 20 steps
+        lo, hi = length_ranges[it % len(length_ranges)]
+        rollouts = random_rollouts(it, 16, min_len=lo, max_len=hi)
+        adv = np.random.default_rng(it).normal(size=16).astype(np.float32)
+        state, h = run_iteration(step, state, rollouts, adv, jax.random.key(it), epoch)
+        history += h
+    assert len(history) == 20
+    assert {m["T"] for m in history} == {8, 16, 32}
+    assert step.num_compiles() == 3
+
+
+def test_kl_stop_ends_iteration():
+    state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+    rollouts = random_rollouts(8, 32, min_len=20, max_len=30)
+    for r in rollouts:  # behaviour log-probs far above the policy's: log w << -20 per rollout
+        r["logp"] = np.where(r["is_output"], -0.01, 0.0)
+    adv = np.ones(32, np.float32)
+    state, history = run_iteration(step, state, rollouts, adv, jax.random.key(0),
+                                   EpochConfig(buckets=(32,)))
+    assert len(history) == 1 and history[0]["stopped_on_kl"]
+
+
+# --------------------------------------------------------------------------- learning on a toy task
+
+PROMPT, REPLY = 2, 3
+TARGET = 8  # reward = share of reply tokens below TARGET: about 1/8 for a uniform policy
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def sample(params, lora, key, num):
+    """Prompt tokens drawn from [TARGET, V), then REPLY tokens sampled at temperature 1."""
+    k_prompt, key = jax.random.split(key)
+    tokens = jnp.zeros((num, PROMPT + REPLY), jnp.int32)
+    tokens = tokens.at[:, :PROMPT].set(
+        jax.random.randint(k_prompt, (num, PROMPT), TARGET, CFG.vocab_size))
+    target_mass = jnp.zeros((num,))
+    for t in range(PROMPT, PROMPT + REPLY):
+        logits = forward(CFG, params, tokens, lora=lora)[:, t - 1]
+        probs = jax.nn.softmax(logits)
+        target_mass += jnp.sum(probs[:, :TARGET], axis=-1) / REPLY
+        key, k = jax.random.split(key)
+        tokens = tokens.at[:, t].set(jax.random.categorical(k, logits))
+    logp = token_logprobs(CFG, params, tokens, lora=lora)
+    reward = jnp.mean(tokens[:, PROMPT:] < TARGET, axis=1)
+    return tokens, logp, reward, target_mass
+
+
+def expected_reward(state):
+    _, _, _, mass = sample(state.params, None if state.base is None else state.trainable,
+                           jax.random.key(123), 1024)
+    return float(jnp.mean(mass))
+
+
+@pytest.mark.parametrize("name", ["loop", "rloo", "grpo"])
+def test_learning_raises_expected_reward(name):
+    G, K = 8, 4
+    settings = dict(
+        loop=(UpdateConfig(learning_rate=1e-2), "leave_one_out", False, 2),
+        rloo=(UpdateConfig(clip_form=None, learning_rate=1e-2), "leave_one_out", False, 1),
+        grpo=(UpdateConfig(learning_rate=1e-2), "leave_none_out", True, 1))
+    config, baseline, norm, epochs = settings[name]
+    # The LoRA adapter moves the final hidden state, whose RMS is pinned at 1; with init_params'
+    # 0.02-scale unembedding, logits could then never move by more than ~0.6. A 10x unembedding gives
+    # the adapter room (a pretrained model's unembedding is far from 0.02-scale too).
+    state, step = make(config, one_device_mesh(), unembed_scale=10.0)
+    before = expected_reward(state)
+    key = jax.random.key(7)
+    is_output = np.arange(PROMPT + REPLY) >= PROMPT
+    for it in range(10):
+        key, k_sample, k_shuffle = jax.random.split(key, 3)
+        tokens, logp, reward, _ = jax.device_get(sample(state.params, state.trainable, k_sample, G * K))
+        adv = np.asarray(advantages(reward.reshape(G, K), baseline, norm)).reshape(-1)
+        rollouts = [dict(tokens=tokens[i], is_output=is_output, logp=logp[i],
+                         turn_id=np.zeros(PROMPT + REPLY, np.int32)) for i in range(G * K)]
+        state, history = run_iteration(step, state, rollouts, adv, k_shuffle,
+                                       EpochConfig(epochs_per_iteration=epochs, buckets=(8,)))
+        if name != "loop":  # strictly on-policy: every step sees the sampling policy
+            assert all(abs(m["kl_k1"]) < 1e-4 for m in history)
+    after = expected_reward(state)
+    assert after > before + 0.25, (before, after)
