@@ -1,0 +1,171 @@
+"""Sampler throughput: loopjax's SamplingEngine vs transformers' generate (PyTorch, CPU), same run.
+
+A ~100M-parameter Qwen2-style model (D=768, L=12, H=12, Hk=2, F=2048, V=32000, tied embeddings),
+random weights, fp32 on both sides, the same thread count. Decode tokens/s at 1, 8 and 32
+concurrent sequences (temperature 1.0 sampling, no stop ids, fixed new-token count), prefill
+tokens/s, and how far decode is from the memory-bandwidth bound: bytes read per decode step
+(every weight once + the KV-cache prefix the step attends to) / the machine's copy bandwidth,
+measured here with a large numpy copy; and the compute bound (2 x params FLOPs per token / a large
+numpy matmul's FLOP/s), which is what limits CPU decode at 32 sequences. Also decode with one step
+per call (a host round trip per token) against the fused on-device loop. Prints ONE JSON line.
+
+    python benchmarks/sampler.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short prompts and replies (a smoke run)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both sides")
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated sequence counts")
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--decode-steps", type=int, default=64, help="fused decode steps per call")
+    return ap.parse_args()
+
+
+ARGS = _args()
+# XLA:CPU runs on every core (os.cpu_count()); torch gets --threads (default: the same count).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from loopjax.models.config import ModelConfig  # noqa: E402
+from loopjax.models.transformer import init_params  # noqa: E402
+from loopjax.sampling import SamplingEngine  # noqa: E402
+
+HF = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+          num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+          tie_word_embeddings=True, max_position_embeddings=4096)
+
+
+def memory_bandwidth(nbytes=1 << 29, repeats=3):
+    """Bytes moved per second by a large numpy copy (read + write)."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def matmul_flops(n=2048, repeats=3):
+    """fp32 FLOP/s of a large numpy matmul: the machine's practical compute peak."""
+    a = np.ones((n, n), np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def bench_loopjax(config, params, concurrency, P, N, steps):
+    rng = np.random.default_rng(1)
+    S = max(concurrency)
+    engine = SamplingEngine(config, S, P + N + 1, decode_steps=steps, prefill_chunk=512)
+    out = {}
+    for n in concurrency:
+        for rep in range(2):  # rep 0 compiles, rep 1 is timed
+            for s in range(n):
+                engine.free(s)
+                engine.add(s, rng.integers(0, config.vocab_size, P), key=jax.random.key(s),
+                           max_new_tokens=N, temperature=1.0)
+            t0 = time.perf_counter()
+            engine._prefill(params, None, list(range(n)))
+            engine.k.block_until_ready()
+            t1 = time.perf_counter()
+            made = 0
+            while engine.busy():
+                made += sum(len(g.ids) for g in engine.step(params))
+            t2 = time.perf_counter()
+        assert made == n * N, made
+        out[n] = dict(decode_tok_s=n * N / (t2 - t1), prefill_tok_s=n * (P - 1) / (t1 - t0))
+    return out
+
+
+def bench_hf(model, concurrency, P, N):
+    rng = np.random.default_rng(0)
+    out = {}
+    gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+               pad_token_id=0)
+    for n in concurrency:
+        ids = torch.tensor(rng.integers(0, HF["vocab_size"], (n, P)))
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
+            t0 = time.perf_counter()
+            model(ids)  # prefill alone
+            t1 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen)
+            t2 = time.perf_counter()
+            model.generate(ids, max_new_tokens=N, min_new_tokens=N, **gen)
+            t3 = time.perf_counter()
+        # Decode = the N-token run minus the 1-token run (prefill + first token).
+        out[n] = dict(decode_tok_s=n * (N - 1) / ((t3 - t2) - (t2 - t1)), prefill_tok_s=n * P / (t1 - t0))
+    return out
+
+
+def main():
+    P = ARGS.prompt_len or (32 if ARGS.quick else 128)
+    N = ARGS.new_tokens or (16 if ARGS.quick else 64)
+    steps = min(ARGS.decode_steps, N)
+    concurrency = [int(c) for c in ARGS.concurrency.split(",")]
+    torch.set_num_threads(ARGS.threads)
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**HF)).eval()
+    config = ModelConfig.from_hf_dict(transformers.Qwen2Config(**HF).to_dict())
+    params = init_params(config, jax.random.key(0))
+
+    bw, flops = memory_bandwidth(), matmul_flops()
+    ours = bench_loopjax(config, params, concurrency, P, N, steps)
+    # The same engine with one decode step per call: a host round trip per token.
+    unfused = bench_loopjax(config, params, [concurrency[0], concurrency[-1]], P, N, 1)
+    peer = bench_hf(hf_model, concurrency, P, N)
+
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    # The engine attends to a power-of-two cache prefix >= the longest row + the steps of a call.
+    len_bucket = min(1 << (P + steps - 1).bit_length(), P + N + 1)
+    kv_bytes_per_row = (2 * config.num_layers * len_bucket * config.num_kv_heads * config.head_dim * 4)
+    result = dict(
+        benchmark="sampler", quick=ARGS.quick, threads=ARGS.threads,
+        model=dict(params=int(config.num_params()), D=768, L=12, H=12, Hk=2, F=2048, V=32000,
+                   dtype="float32"),
+        prompt_len=P, new_tokens=N, decode_steps_per_call=steps,
+        memory_bandwidth_GBps=round(bw / 1e9, 2), matmul_GFLOPs=round(flops / 1e9, 1), jax=jax.__version__, torch=torch.__version__,
+        transformers=transformers.__version__, devices=str(jax.devices()[0].platform))
+    for n in concurrency:
+        step_bytes = weight_bytes + n * kv_bytes_per_row
+        bound = n * bw / step_bytes
+        compute_bound = flops / (2 * config.num_params())  # matmul FLOPs per token, attention aside
+        result[f"c{n}"] = dict(
+            loopjax_decode_tok_s=round(ours[n]["decode_tok_s"], 1),
+            loopjax_decode_tok_s_1step_per_call=(round(unfused[n]["decode_tok_s"], 1)
+                                                 if n in unfused else None),
+            hf_decode_tok_s=round(peer[n]["decode_tok_s"], 1),
+            decode_speedup=round(ours[n]["decode_tok_s"] / peer[n]["decode_tok_s"], 2),
+            loopjax_prefill_tok_s=round(ours[n]["prefill_tok_s"], 1),
+            hf_prefill_tok_s=round(peer[n]["prefill_tok_s"], 1),
+            bandwidth_bound_tok_s=round(bound, 1),
+            fraction_of_bound=round(ours[n]["decode_tok_s"] / bound, 3),
+            compute_bound_tok_s=round(compute_bound, 1),
+            fraction_of_compute_bound=round(ours[n]["decode_tok_s"] / compute_bound, 3))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
