@@ -1,0 +1,64 @@
+"""Held-out evaluation as AppWorld scores it, and the run folder's report files.
+
+TGC (task goal completion) = share of tasks whose unit tests all pass; SGC (scenario goal
+completion) = share of scenarios (groups of related tasks) whose tasks all pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from loopjax import report
+from loopjax.envs import scenario_id
+from loopjax.metrics import MetricsWriter
+
+SPLITS = ("train", "dev", "test_normal", "test_challenge")
+
+
+def split_index(split: str) -> int:
+    return SPLITS.index(split) if split in SPLITS else 100 + sum(map(ord, split))
+
+
+def summarize(records: list[dict]) -> dict:
+    """{"tgc", "sgc", "reward", "num_tasks", "num_scenarios"} of one evaluation's episodes."""
+    if not records:
+        return {"tgc": 0.0, "sgc": 0.0, "reward": 0.0, "num_tasks": 0, "num_scenarios": 0}
+    scenarios: dict[str, bool] = {}
+    for r in records:
+        sid = scenario_id(r["task_id"])
+        scenarios[sid] = scenarios.get(sid, True) and bool(r["success"])
+    return {"tgc": float(np.mean([r["success"] for r in records])),
+            "sgc": float(np.mean(list(scenarios.values()))),
+            "reward": float(np.mean([r["reward"] for r in records])),
+            "num_tasks": len(records), "num_scenarios": len(scenarios)}
+
+
+def prefixed(summary: dict, prefix: str) -> dict:
+    return {f"{prefix}{k}": v for k, v in summary.items()}
+
+
+def truncate_metrics(path: str, iteration: int) -> None:
+    """Drops log lines past the checkpoint a run resumes from (they will be written again)."""
+    if not os.path.exists(path):
+        return
+    keep = [r for r in MetricsWriter.read(os.path.dirname(path)) if r.get("step", 0) <= iteration]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in keep:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def write_reports(run_dir: str, summary: dict, episodes: list[dict], max_episodes: int) -> None:
+    """summary.json, learning_curve.png, trajectories.html and the before/after table."""
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    report.learning_curve(run_dir)
+    chosen = [e for e in episodes if e.get("tag") != "train"][:max_episodes]
+    chosen += [e for e in episodes if e.get("tag") == "train"][:max(0, max_episodes - len(chosen))]
+    report.trajectories_html(chosen, os.path.join(run_dir, "trajectories.html"))
+    with open(os.path.join(run_dir, "before_after.txt"), "w") as f:
+        f.write(report.before_after_table(summary["before"], summary["after"]) + "\n")

@@ -1,0 +1,216 @@
+"""The environment loop: many episodes at once, their generation batched on the sampler's slots.
+
+Each round, every episode waiting for the policy gets its new tokens (prompt, or the last
+environment reply) prefilled and a turn decoded, all in one batched call on the device. Finished
+turns go to a thread pool that runs `env.step` (the agent's code runs in sandbox worker
+processes, never here); with `overlap=True` the next round starts with the episodes that are
+ready while other episodes' code still runs, so the device does not wait for environments.
+`overlap=False` waits for all of a round's environment steps: batches then do not depend on
+timing, and a run is bit-for-bit reproducible (what resume-equivalence tests use).
+
+Episodes end when the agent calls complete_task, when the interaction budget is spent, or when
+the context is full. A collection stops early (straggler cut) once `straggler_fraction` of all
+episodes AND `straggler_task_fraction` of each group's episodes are finished.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import re
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from loopjax.agent import NO_CODE_MESSAGE, Conversation, extract_code, format_observation, react_messages
+
+_ERROR_RE = re.compile(r"(Traceback|Error:|Exception:)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeLimits:
+    max_interactions: int = 40  # agent turns
+    max_new_tokens: int = 1500  # per turn
+    max_seq_len: int = 32768  # whole conversation
+    max_obs_tokens: int = 3000  # environment output shown to the agent
+    compact_prompt: bool = False  # the short prompt without the worked example
+
+
+@dataclasses.dataclass
+class Episode:
+    """One rollout in progress; `record()` gives the finished rollout as a plain dict."""
+    index: int  # position in the request list (= the episode's identity for PRNG keys)
+    task_id: str
+    group: int  # which task of the iteration (episodes of one group share a baseline)
+    conv: Conversation | None = None
+    instruction: str = ""
+    turns: list = dataclasses.field(default_factory=list)
+    done: bool = False
+    end_reason: str = ""
+    eval: object = None
+    slot: int = -1
+    future: cf.Future | None = None
+
+    def record(self) -> dict:
+        arrays = self.conv.as_arrays()
+        code = "\n".join(t["code"] for t in self.turns)
+        return dict(
+            **arrays, task_id=self.task_id, group=self.group, index=self.index,
+            reward=float(self.eval.reward), success=bool(self.eval.success),
+            passes=list(self.eval.passes), failures=list(self.eval.failures),
+            num_turns=len(self.turns), end_reason=self.end_reason, instruction=self.instruction,
+            turns=self.turns, num_tokens=len(self.conv.tokens),
+            num_generated=int(np.sum(arrays["is_output"])),
+            doc_lookups=code.count("api_docs."),
+            code_errors=sum(bool(_ERROR_RE.search(t["output"])) for t in self.turns))
+
+
+def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[str],
+            groups: Sequence[int], limits: EpisodeLimits, *, key, temperature: float = 1.0,
+            workers: int = 8, overlap: bool = True, straggler_fraction: float = 1.0,
+            straggler_task_fraction: float = 1.0,
+            progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
+    """Runs one episode per task id on the engine's slots (one env per slot, reused).
+
+    Episode i samples with PRNG key fold_in(key, i), so its draws do not depend on which slot or
+    batch it ran in. Returns (records of the finished episodes in request order, stats: seconds
+    spent in device steps and waiting for environments, episodes cut as stragglers).
+    """
+    import jax  # noqa: PLC0415
+
+    episodes = [Episode(i, t, g) for i, (t, g) in enumerate(zip(task_ids, groups))]
+    queue = list(reversed(episodes))
+    num_slots = min(engine.num_slots, len(envs))
+    free_slots = list(reversed(range(num_slots)))
+    group_total = np.bincount(np.asarray(groups, int)) if len(groups) else np.zeros(0, int)
+    group_done = np.zeros_like(group_total)
+    by_slot: dict[int, Episode] = {}
+    consumed: dict[int, int] = {}  # slot -> conversation tokens already handed to the engine
+    finished: list[Episode] = []
+    stats = {"generate_s": 0.0, "env_wait_s": 0.0, "device_steps": 0}
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, workers))
+
+    def start(ep: Episode, slot: int):
+        ep.slot, by_slot[slot], consumed[slot] = slot, ep, 0
+        ep.future = pool.submit(_reset, envs[slot], ep, tokenizer, limits)
+
+    def finish(ep: Episode, reason: str):
+        ep.done, ep.end_reason = True, reason
+        engine.free(ep.slot)
+        ep.future = pool.submit(envs[ep.slot].evaluate)
+
+    def ask_policy(ep: Episode):
+        room = limits.max_seq_len - len(ep.conv.tokens) - 1
+        if room < 1:
+            return finish(ep, "context_full")
+        new = ep.conv.tokens[consumed[ep.slot]:]
+        first = consumed[ep.slot] == 0
+        engine.add(ep.slot, new, key=jax.random.fold_in(key, ep.index) if first else None,
+                   max_new_tokens=min(limits.max_new_tokens, room), temperature=temperature)
+        consumed[ep.slot] = len(ep.conv.tokens)
+
+    def harvest(ep: Episode):
+        result, ep.future = ep.future.result(), None
+        if ep.done:  # evaluation is back: record it, and the slot takes the next task
+            ep.eval = result
+            finished.append(ep)
+            group_done[ep.group] += 1
+            del by_slot[ep.slot]
+            if progress:
+                progress(1)
+            if queue:
+                start(queue.pop(), ep.slot)
+        elif result is not None:  # the episode ended (complete_task, budget, context)
+            finish(ep, result)
+        else:
+            ask_policy(ep)
+
+    def cut_stragglers() -> bool:
+        n = len(finished)
+        if straggler_fraction >= 1.0 or n < straggler_fraction * len(episodes):
+            return False
+        return bool(np.all(group_done >= np.ceil(straggler_task_fraction * group_total)))
+
+    try:
+        while queue and free_slots:
+            start(queue.pop(), free_slots.pop())
+        while by_slot and not cut_stragglers():
+            pending = [ep.future for ep in by_slot.values() if ep.future is not None]
+            t0 = time.perf_counter()
+            if pending and (not overlap or not engine.busy()):
+                cf.wait(pending, return_when=cf.ALL_COMPLETED if not overlap else cf.FIRST_COMPLETED)
+            stats["env_wait_s"] += time.perf_counter() - t0
+            for ep in sorted(by_slot.values(), key=lambda e: e.index):
+                if ep.future is not None and ep.future.done():
+                    harvest(ep)
+            if not engine.busy():
+                continue
+            t0 = time.perf_counter()
+            gens = engine.step(params, lora) if overlap else engine.generate(params, lora)
+            stats["generate_s"] += time.perf_counter() - t0
+            stats["device_steps"] += 1
+            for g in gens:
+                ep = by_slot[g.slot]
+                # The engine holds the sampled ids itself (the last one is fed with the next
+                # request), so the next request starts after them.
+                consumed[g.slot] += len(g.ids)
+                ep.conv.add_generated([int(i) for i in g.ids], [float(x) for x in g.logps])
+                if g.stop_reason == "context_full":
+                    ep.turns.append({"assistant": ep.conv.text_of_turn(-1), "code": "",
+                                     "output": "(context full)"})
+                    finish(ep, "context_full")
+                else:
+                    ep.future = pool.submit(_step, envs[g.slot], ep, tokenizer, limits)
+    finally:
+        for ep in by_slot.values():  # stragglers: dropped, their slots released
+            if ep.future is not None:
+                ep.future.cancel()
+            engine.free(ep.slot)
+        pool.shutdown(wait=True, cancel_futures=True)
+    finished.sort(key=lambda e: e.index)
+    stats["cut"] = len(episodes) - len(finished)
+    return [ep.record() for ep in finished], stats
+
+
+def _reset(env, ep: Episode, tokenizer, limits: EpisodeLimits):
+    """Starts an episode: the prompt goes into a fresh conversation. Returns None (ready)."""
+    obs = env.reset(ep.task_id)
+    ep.instruction = obs.instruction
+    ep.conv = Conversation(tokenizer)
+    sup = obs.supervisor
+    for role, text in react_messages(obs.instruction, name=sup.name, email=sup.email,
+                                     phone=sup.phone_number, date=obs.date,
+                                     compact=limits.compact_prompt):
+        ep.conv.add_message(role, text)
+    ep.conv.start_assistant()
+    if len(ep.conv.tokens) + 1 >= limits.max_seq_len:
+        raise ValueError(f"the prompt of task {ep.task_id} has {len(ep.conv.tokens)} tokens, which "
+                         f"leaves no room to generate within max_seq_len={limits.max_seq_len}")
+    return None
+
+
+def _step(env, ep: Episode, tokenizer, limits: EpisodeLimits):
+    """Runs the turn's code; appends the environment's reply. Returns an end reason or None."""
+    text = ep.conv.text_of_turn(-1)
+    code = extract_code(text)
+    if code:
+        res = env.step(code)
+        output, done = res.output, res.done
+    else:
+        output, done = NO_CODE_MESSAGE, False
+    ep.turns.append({"assistant": text, "code": code, "output": output})
+    if done:
+        return "complete_task"
+    if len(ep.turns) >= limits.max_interactions:
+        return "max_interactions"
+    reply = format_observation(output, instruction=ep.instruction, tokenizer=tokenizer,
+                               max_tokens=limits.max_obs_tokens, compact=limits.compact_prompt)
+    # The reply and the next assistant header must leave room for at least one generated token;
+    # otherwise the episode ends here and the rollout never exceeds the context.
+    added = len(tokenizer.message_ids("user", reply)) + len(tokenizer.generation_prompt_ids())
+    if len(ep.conv.tokens) + added + 1 >= limits.max_seq_len:
+        return "context_full"
+    ep.conv.add_message("user", reply)
+    ep.conv.start_assistant()
+    return None

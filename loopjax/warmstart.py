@@ -1,0 +1,109 @@
+"""Warm start for policies that cannot act yet: supervised fine-tuning on demonstrations.
+
+SFT-GT (the paper's baseline): the world's scripted ground-truth solutions, replayed through the
+same environment loop code and recorded as token-level conversations, train the policy with
+cross-entropy on the assistant tokens only. RFT: the same step on the policy's own successful
+rollouts (the trainer collects them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from loopjax.agent import format_code_turn, format_observation, react_messages
+from loopjax.loop.epochs import bucket_length, pack_minibatch
+from loopjax.models.transformer import token_logprobs
+from loopjax.rollout.collector import Episode, EpisodeLimits, _reset, _step
+
+log = logging.getLogger(__name__)
+
+
+def transcripts(env, task_ids, ground_truth, *, compact: bool) -> list[str]:
+    """Text of ground-truth episodes (prompt, solution turns, replies): a tokenizer corpus."""
+    texts = []
+    for task_id in task_ids:
+        obs = env.reset(task_id)
+        sup = obs.supervisor
+        for _, text in react_messages(obs.instruction, name=sup.name, email=sup.email,
+                                      phone=sup.phone_number, date=obs.date, compact=compact):
+            texts.append(text)
+        for code in ground_truth(task_id):
+            texts.append(format_code_turn(code))
+            res = env.step(code)
+            texts.append(format_observation(res.output, instruction=obs.instruction, compact=compact))
+    return texts
+
+
+def demonstrations(env, tokenizer, task_ids, ground_truth, limits: EpisodeLimits) -> list[dict]:
+    """Ground-truth episodes as rollout records (assistant turns marked as outputs, logp 0)."""
+    records, skipped = [], []
+    for i, task_id in enumerate(task_ids):
+        ep = Episode(i, task_id, i)
+        end = _reset(env, ep, tokenizer, limits)
+        for code in ground_truth(task_id):
+            if end is not None:
+                break
+            ids = tokenizer.encode(format_code_turn(code)) + [tokenizer.end_of_turn_id]
+            if len(ids) > limits.max_new_tokens or len(ep.conv.tokens) + len(ids) >= limits.max_seq_len:
+                end = "context_full"
+                break
+            ep.conv.add_generated(ids, [0.0] * len(ids))
+            end = _step(env, ep, tokenizer, limits)
+        ep.end_reason, ep.eval = end or "script_ended", env.evaluate()
+        if ep.eval.success:
+            records.append(ep.record())
+        elif end == "complete_task":
+            raise RuntimeError(f"ground truth of {task_id} does not solve it: {ep.eval.failures}")
+        else:
+            skipped.append(task_id)  # the episode limits (context, turns) cut the solution off
+    if skipped:
+        log.warning("%d of %d demonstrations do not fit the episode limits (e.g. %s); skipped",
+                    len(skipped), len(task_ids), skipped[0])
+    return records
+
+
+def make_sft_step(model_config, optimizer):
+    """Jitted step: mean negative log-likelihood of the output tokens of a packed batch."""
+
+    def loss_fn(trainable, base, batch):
+        params, lora = (trainable, None) if base is None else (base, trainable)
+        logp = token_logprobs(model_config, params, batch.tokens_BxT, positions_BxT=batch.positions_BxT,
+                              segment_ids_BxT=batch.segment_ids_BxT, lora=lora)
+        mask = batch.mask_BxT * batch.weight_B[:, None]
+        return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    def step(trainable, opt_state, base, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, base, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def sft(model_config, trainable, base, records, *, steps: int, batch_size: int, learning_rate: float,
+        key, buckets, batch_sharding=None, log=None):
+    """`steps` AdamW steps on random minibatches of `records`; returns the trained `trainable`."""
+    if not records:
+        raise ValueError("supervised fine-tuning needs at least one demonstration")
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(optax.cosine_decay_schedule(learning_rate, max(steps, 1), 0.1),
+                                        weight_decay=0.0))
+    opt_state = optimizer.init(trainable)
+    step_fn = make_sft_step(model_config, optimizer)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    lengths = np.array([len(r["tokens"]) for r in records])
+    for i in range(steps):
+        idx = rng.choice(len(records), size=min(batch_size, len(records)), replace=False)
+        T = bucket_length(int(lengths[idx].max()), buckets)
+        batch = pack_minibatch([records[j] for j in idx], np.zeros(len(idx)), batch_size, T)
+        if batch_sharding is not None:
+            batch = jax.device_put(batch, batch_sharding)
+        trainable, opt_state, loss = step_fn(trainable, opt_state, base, batch)
+        if log is not None and (i % 25 == 0 or i == steps - 1):
+            log(i, float(loss))
+    return trainable
