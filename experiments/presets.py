@@ -10,12 +10,12 @@ PRESETS = {
     # short episodes and a compact prompt so conversations fit a 512-token context.
     "miniworld-tiny": {
         "env": "miniworld-tiny", "run_dir": "runs/miniworld-tiny", "model": "",
-        "compact_prompt": True, "warm_start": "sft", "sft_steps": 150, "sft_batch_size": 32,
+        "compact_prompt": True, "warm_start": "sft", "sft_steps": 150, "sft_rows": 8,
         "sft_learning_rate": 3e-3, "iterations": 12, "tasks_per_iteration": 16,
         "rollouts_per_task": 6, "max_interactions_train": 4, "max_interactions_eval": 4,
         "max_new_tokens": 96, "max_seq_len": 512, "max_obs_tokens": 128, "eval_every": 4,
         "update.train_full_weights": True, "update.learning_rate": 3e-4,
-        "update.minibatch_size": 32, "epochs.buckets": (128, 256, 512),
+        "update.minibatch_size": 32, "epochs.buckets": (192, 256, 320, 384, 448, 512),
     },
     # The full miniworld with a real (local) checkpoint, e.g. --model /models/Qwen2.5-7B-Instruct.
     # Needs bf16 weights + KV cache for 48 slots of 16K tokens: ~60 GB for a 7B model (one

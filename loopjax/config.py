@@ -48,7 +48,7 @@ class TrainConfig:
     # --- warm start (models that cannot act yet)
     warm_start: str = "sft"  # none | sft (ground-truth demonstrations) | rft (own successes)
     sft_steps: int = 300  # optimizer steps of supervised fine-tuning
-    sft_batch_size: int = 32  # demonstrations per SFT step
+    sft_rows: int = 8  # rows of max_seq_len tokens per SFT step, several demonstrations packed per row
     sft_learning_rate: float = 3e-3  # AdamW learning rate of the warm start
     rft_rounds: int = 2  # rounds of rejection-sampling fine-tuning (warm_start=rft)
     # --- LOOP

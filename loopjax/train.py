@@ -130,8 +130,8 @@ class Trainer:
                  c.sft_steps)
         trained = warmstart.sft(
             self.model_config, self.state.trainable, self.state.base, records, steps=c.sft_steps,
-            batch_size=c.sft_batch_size, learning_rate=c.sft_learning_rate,
-            key=jax.random.fold_in(self.key, 2), buckets=c.epochs.buckets,
+            rows=c.sft_rows, length=c.max_seq_len, learning_rate=c.sft_learning_rate,
+            key=jax.random.fold_in(self.key, 2), batch_sharding=self.update_step.batch_sharding,
             log=lambda i, loss: log.info("sft step %d loss %.4f", i, loss))
         from loopjax.loop.update import make_optimizer  # noqa: PLC0415
         self.state = self.state.replace(trainable=trained,

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from loopjax.agent import format_code_turn, format_observation, react_messages
-from loopjax.loop.epochs import bucket_length, pack_minibatch
+from loopjax.loop.update import Batch
 from loopjax.models.transformer import token_logprobs
 from loopjax.rollout.collector import Episode, EpisodeLimits, _reset, _step
 
@@ -85,9 +85,40 @@ def make_sft_step(model_config, optimizer):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def sft(model_config, trainable, base, records, *, steps: int, batch_size: int, learning_rate: float,
-        key, buckets, batch_sharding=None, log=None):
-    """`steps` AdamW steps on random minibatches of `records`; returns the trained `trainable`."""
+def pack_rows(records, order, rows: int, length: int):
+    """Greedily packs records (in `order`, from its front) into `rows` x `length` rows, several
+    sequences per row as segments 1, 2, ... with positions restarting; returns (Batch, used)."""
+    tokens = np.zeros((rows, length), np.int32)
+    positions = np.zeros((rows, length), np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    mask = np.zeros((rows, length), bool)
+    fill = np.zeros(rows, int)
+    nseg = np.zeros(rows, int)
+    used = 0
+    for j in order:
+        r = records[j]
+        n = len(r["tokens"])
+        if n > length:
+            raise ValueError(f"a demonstration of {n} tokens does not fit rows of {length}")
+        row = int(np.argmax(fill + n <= length)) if np.any(fill + n <= length) else -1
+        if row < 0:
+            break
+        a = fill[row]
+        nseg[row] += 1
+        tokens[row, a:a + n], positions[row, a:a + n] = r["tokens"], np.arange(n)
+        segments[row, a:a + n], mask[row, a:a + n] = nseg[row], r["is_output"]
+        fill[row] += n
+        used += 1
+    zeros_f = np.zeros((rows, length), np.float32)
+    batch = Batch(tokens, positions, segments, mask, zeros_f, np.zeros(rows, np.float32),
+                  np.zeros((rows, length), np.int32), np.ones(rows, np.float32))
+    return batch, used
+
+
+def sft(model_config, trainable, base, records, *, steps: int, rows: int, length: int,
+        learning_rate: float, key, batch_sharding=None, log=None):
+    """`steps` AdamW steps (cosine-decayed learning rate) on `records` packed into rows x length
+    batches, walking through shuffled epochs; returns the trained `trainable`."""
     if not records:
         raise ValueError("supervised fine-tuning needs at least one demonstration")
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
@@ -96,11 +127,12 @@ def sft(model_config, trainable, base, records, *, steps: int, batch_size: int, 
     opt_state = optimizer.init(trainable)
     step_fn = make_sft_step(model_config, optimizer)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
-    lengths = np.array([len(r["tokens"]) for r in records])
+    order: list[int] = []
     for i in range(steps):
-        idx = rng.choice(len(records), size=min(batch_size, len(records)), replace=False)
-        T = bucket_length(int(lengths[idx].max()), buckets)
-        batch = pack_minibatch([records[j] for j in idx], np.zeros(len(idx)), batch_size, T)
+        if len(order) < len(records):
+            order += list(rng.permutation(len(records)))
+        batch, used = pack_rows(records, order, rows, length)
+        order = order[used:]
         if batch_sharding is not None:
             batch = jax.device_put(batch, batch_sharding)
         trainable, opt_state, loss = step_fn(trainable, opt_state, base, batch)

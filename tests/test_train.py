@@ -1,0 +1,120 @@
+"""The main job end to end on a very small configuration: run folder, bounded compiles, and
+SIGKILL at random moments + --resume giving the same metrics as an uninterrupted run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small enough for CI: a 1-layer model, 4 tasks x 2 rollouts, 3 iterations; overlap off and no
+# straggler cut so that batches do not depend on timing (resume equivalence needs that).
+SMOKE = ["--scratch.hidden_size=32", "--scratch.num_layers=1", "--scratch.intermediate_size=64",
+         "--scratch.head_dim=16", "--tasks_per_iteration=4", "--rollouts_per_task=2",
+         "--iterations=3", "--sft_steps=4", "--sft_rows=2", "--max_eval_tasks=3",
+         "--final_splits=dev", "--update.minibatch_size=8", "--eval_every=2",
+         "--overlap_env=false", "--straggler_fraction=1.0", "--env_workers=2"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cmd(run_dir, *extra):
+    return [sys.executable, "-m", "experiments.appworld_loop", *SMOKE, f"--run_dir={run_dir}", *extra]
+
+
+def _metrics(run_dir):
+    """Logged metrics by step, without wall-clock and per-process compile counts."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            clean = {k: v for k, v in rec.items()
+                     if k not in ("time",) and not k.startswith(("time/", "compiles/"))}
+            out.setdefault(rec["step"], {}).update(clean)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("reference"))
+    proc = subprocess.run(_cmd(run_dir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc.stdout
+
+
+def test_run_folder_and_table(reference_run):
+    run_dir, stdout = reference_run
+    for name in ("metrics.jsonl", "config.json", "summary.json", "learning_curve.png",
+                 "trajectories.html", "before_after.txt"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    assert os.listdir(os.path.join(run_dir, "events"))
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints")))  # newest ones kept
+    assert "TGC before" in stdout and "resolved config" in stdout
+    with open(os.path.join(run_dir, "learning_curve.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    metrics = _metrics(run_dir)
+    assert set(metrics) == {0, 1, 2, 3}
+    for step in (1, 2, 3):
+        m = metrics[step]
+        for key in ("train/reward", "train/success", "adv/filtered_share", "train/doc_lookups",
+                    "train/code_error_rate", "train/turns"):
+            assert key in m, key
+    assert "eval/dev/tgc" in metrics[2] and "eval/dev/sgc" in metrics[3]
+
+
+def test_compiles_stay_bounded(reference_run):
+    run_dir, _ = reference_run
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        buckets = json.load(f)["train"]["epochs"]["buckets"]
+    # One update-step program per bucket length at most, however many steps ran.
+    assert 1 <= summary["compiles"]["update"] <= len(buckets)
+    # The sampler compiles per (row bucket, length bucket), log-bounded; 3 iterations + 3 evals
+    # with different prompt lengths must not have compiled per call.
+    assert sum(summary["compiles"]["sampler"].values()) <= 40
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        counts = [json.loads(l).get("compiles/update") for l in f]
+    counts = [c for c in counts if c is not None]
+    assert counts == sorted(counts) and counts[-1] <= len(buckets)
+
+
+def test_sigkill_and_resume_match_uninterrupted(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    run_dir = str(tmp_path / "killed")
+    rng = random.Random(1234)
+    kills = attempts = 0
+    while kills < 3 and attempts < 8:
+        proc = subprocess.Popen(_cmd(run_dir, *(["--resume"] if attempts else [])), cwd=ROOT,
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        attempts += 1
+        try:
+            proc.wait(timeout=rng.uniform(10.0, 30.0))
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    final = subprocess.run(_cmd(run_dir, "--resume"), cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=900)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert kills == 3, f"only {kills} kills in {attempts} attempts: lengthen the smoke run"
+    ref, got = _metrics(ref_dir), _metrics(run_dir)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step].keys() == ref[step].keys(), step
+        for key, value in ref[step].items():
+            if isinstance(value, float):
+                assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+            else:
+                assert got[step][key] == value, (step, key)
