@@ -1,6 +1,6 @@
 """LOOP update-step throughput on this CPU: prints ONE JSON line.
 
-    python benchmarks/update_step.py [--small] [--rollouts 2] [--steps 1] [--seq 2048]
+    python benchmarks/update_step.py [--small] [--rollouts 2] [--steps 1] [--seq 2048] [--remat]
 
 - loopjax: the jitted update step (LoRA r16 on every projection, one minibatch of `--rollouts`
   rollouts of T tokens, gradient accumulation one rollout per microbatch) on a ~100M-parameter
@@ -67,7 +67,7 @@ def base_weight_copies(jax, state) -> float:
     return max(live[s] / base[s] for s in base)
 
 
-def run_jax(cfg: dict, T: int, n: int, steps: int) -> dict:
+def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -77,7 +77,7 @@ def run_jax(cfg: dict, T: int, n: int, steps: int) -> dict:
     from loopjax.sharding import make_mesh
 
     mc = ModelConfig(**cfg, qkv_bias=True, tie_embeddings=True, rope_theta=1e6, family="qwen2")
-    uc = UpdateConfig(minibatch_size=n, microbatch_size=1)
+    uc = UpdateConfig(minibatch_size=n, microbatch_size=1, remat=remat)
     mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
     state = init_train_state(mc, uc, init_params(mc, jax.random.key(0)), jax.random.key(1), mesh)
     step = make_update_step(mc, uc, mesh, state)
@@ -177,25 +177,29 @@ def main():
     ap.add_argument("--rollouts", type=int, default=2, help="rollouts in the timed minibatch")
     ap.add_argument("--steps", type=int, default=1, help="timed update steps after the first")
     ap.add_argument("--seq", type=int, default=None, help="T (default 2048, 512 with --small)")
+    ap.add_argument("--remat", action="store_true", help="loopjax side: rematerialize each layer")
     ap.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = SMALL if args.small else FULL
     T = args.seq or (512 if args.small else 2048)
     if args.side:
-        fn = run_jax if args.side == "jax" else run_torch
-        print(json.dumps(fn(cfg, T, args.rollouts, args.steps)))
+        if args.side == "jax":
+            print(json.dumps(run_jax(cfg, T, args.rollouts, args.steps, args.remat)))
+        else:
+            print(json.dumps(run_torch(cfg, T, args.rollouts, args.steps)))
         return
     sides = {}
     for side in ("jax", "torch"):
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--rollouts",
                str(args.rollouts), "--steps", str(args.steps), "--seq", str(T)] + (
-                   ["--small"] if args.small else [])
+                   ["--small"] if args.small else []) + (["--remat"] if args.remat else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         sides[side] = json.loads(out.strip().splitlines()[-1])
     flops = model_flops(cfg, T, args.rollouts)
     j, t = sides["jax"], sides["torch"]
     result = dict(
         figure="update_step", config=dict(cfg, T=T, rollouts_per_step=args.rollouts, lora_rank=16,
+                                          remat=args.remat,
                                           params=j["params"], dtype="float32"),
         loopjax=dict(tokens_per_s=round(j["tokens_per_s"], 1), step_s=round(j["step_s"], 2),
                      first_step_s=round(j["first_step_s"], 2),

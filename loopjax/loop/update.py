@@ -251,6 +251,7 @@ class UpdateStep:
         row_sh = batch_sharding(mesh)
         batch_sh = Batch(*([row_sh] * len(dataclasses.fields(Batch))))
         self.batch_sharding = batch_sh
+        self.state_shardings = state_sh
 
         def step(trained, base, batch):
             return _step(model_config, config, optimizer, mesh, trained, base, batch)
@@ -264,7 +265,11 @@ class UpdateStep:
             raise ValueError(f"batch has {batch.adv_B.shape[0]} rows but minibatch_size is "
                              f"{self.config.minibatch_size}; pad with weight_B = 0 rows")
         base = state.base
-        new_state, metrics = self.jitted(state.replace(base=None), base, batch)
+        # No-ops when already placed; fixes up host batches and a re-initialized optimizer state.
+        # The base is not moved here: a mismatch there raises rather than silently copying the LLM.
+        trained = jax.device_put(state.replace(base=None), self.state_shardings)
+        batch = jax.device_put(batch, self.batch_sharding)
+        new_state, metrics = self.jitted(trained, base, batch)
         return new_state.replace(base=base), metrics
 
     def num_compiles(self) -> int:
