@@ -132,11 +132,14 @@ def main():
     params = init_params(config, jax.random.key(0))
 
     bw, flops = memory_bandwidth(), matmul_flops()
-    ours = bench_loopjax(config, params, concurrency, P, N, steps)
-    # The same engine with one decode step per call: a host round trip per token.
-    unfused = bench_loopjax(config, params, [concurrency[0], concurrency[-1]], P, N, 1)
-    peer = bench_hf(hf_model, concurrency, P, N)
-
+    # Interleaved per concurrency (ours, then the peer), so a change in machine load between the
+    # two sides skews one pair of numbers rather than the whole comparison.
+    ours, peer, unfused = {}, {}, {}
+    for n in concurrency:
+        ours.update(bench_loopjax(config, params, [n], P, N, steps))
+        if n in (concurrency[0], concurrency[-1]):  # one decode step per call: a round trip per token
+            unfused.update(bench_loopjax(config, params, [n], P, N, 1))
+        peer.update(bench_hf(hf_model, [n], P, N))
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     # The engine attends to a power-of-two cache prefix >= the longest row + the steps of a call.
     len_bucket = min(1 << (P + steps - 1).bit_length(), P + N + 1)
