@@ -101,7 +101,8 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
         ep.future = pool.submit(envs[ep.slot].evaluate)
 
     def ask_policy(ep: Episode):
-        room = limits.max_seq_len - len(ep.conv.tokens) - 1
+        # Room for the turn plus what closes it (end-of-turn, the template's newline).
+        room = limits.max_seq_len - len(ep.conv.tokens) - 3
         if room < 1:
             return finish(ep, "context_full")
         new = ep.conv.tokens[consumed[ep.slot]:]

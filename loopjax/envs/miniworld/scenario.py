@@ -54,9 +54,11 @@ class Gen:
     """Task-seeded draws from the split's pool, and set-up edits of the task's initial state."""
 
     def __init__(self, rng: random.Random, state: dict, people: list[dict], n_contacts: int,
-                 split: str):
+                 split: str, shared_people: bool = False):
         self.rng, self.state, self.people = rng, state, people
-        self.mods = mods = _POOL[split]
+        # shared_people: every split draws from the whole population (held-out tasks are then new
+        # combinations of people, messages, amounts and notes, never a copy of a train task).
+        self.mods = mods = (0, 1, 2, 3) if shared_people else _POOL[split]
         self.contacts = [p for i, p in enumerate(people[1:n_contacts + 1], 1) if i % 4 in mods]
         self.strangers = [p for i, p in enumerate(people) if i > n_contacts and i % 4 in mods]
         self.sup = people[0]

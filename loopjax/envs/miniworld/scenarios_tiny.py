@@ -1,6 +1,7 @@
 """The scenario templates of miniworld-tiny (phone, notes, payments); the full preset has them too.
 
-Each one-sentence instruction names the values the code must copy; solutions are 1-2 turns of at
+Each one-sentence instruction names the values the code must copy, quoted as the code quotes
+them (so a small model sees the same tokens in both places); solutions are 1-2 turns of at
 most three short lines. The two challenge templates combine phone and payments, a pairing no train
 template uses.
 """
@@ -16,7 +17,7 @@ DONE = "apis.supervisor.complete_task()"
 def text_contact(g: Gen) -> TaskSpec:
     p, msg = g.contact(), g.phrase()
     return TaskSpec(
-        f'Send a text message to {p["name"]} saying "{msg}".',
+        f'Send a text message to "{p["name"]}" saying "{msg}".',
         [f"apis.phone.send_text_message(@phone to={q(p['name'])}, message={q(msg)})\n{DONE}"],
         [added_where("phone", "messages", f"a text to {p['name']} was sent",
                      receiver_name=p["name"]),
@@ -28,7 +29,7 @@ def text_contact(g: Gen) -> TaskSpec:
 def contact_phone(g: Gen) -> TaskSpec:
     p = g.contact()
     return TaskSpec(
-        f"What is {p['name']}'s phone number?",
+        f'What is the phone number of "{p["name"]}"?',
         [f"c = apis.phone.search_contacts(@phone query={q(p['name'])})[0]\n"
          'apis.supervisor.complete_task(answer=c["phone_number"])'],
         [], [], answer=p["phone_number"])
@@ -37,7 +38,7 @@ def contact_phone(g: Gen) -> TaskSpec:
 def add_contact(g: Gen) -> TaskSpec:
     p = g.stranger()
     return TaskSpec(
-        f"Add {p['name']} to my contacts with phone number {p['phone_number']}.",
+        f'Add "{p["name"]}" to my contacts with phone number "{p["phone_number"]}".',
         [f"apis.phone.add_contact(@phone first_name={q(p['first_name'])}, "
          f"last_name={q(p['last_name'])}, phone_number={q(p['phone_number'])})\n{DONE}"],
         [added_where("phone", "contacts", f"{p['name']} is a contact", name=p["name"]),
@@ -93,7 +94,7 @@ def _payment_allow(name: str) -> list[Allow]:
 def pay_contact(g: Gen) -> TaskSpec:
     p, amt, what = g.contact(), g.amount(), g.word()
     return TaskSpec(
-        f"Send ${amt} to {p['name']} for {what}.",
+        f'Send ${amt} to "{p["name"]}" for "{what}".',
         [f"apis.payments.send_money(@payments to={q(p['name'])}, amount={amt}, "
          f"description={q(what)})\n{DONE}"],
         [added_where("payments", "transactions", f"{p['name']} was paid",
@@ -108,7 +109,7 @@ def pay_contact(g: Gen) -> TaskSpec:
 def request_money(g: Gen) -> TaskSpec:
     p, amt, what = g.contact(), g.amount(), g.word()
     return TaskSpec(
-        f"Request ${amt} from {p['name']} for {what}.",
+        f'Request ${amt} from "{p["name"]}" for "{what}".',
         [f"apis.payments.request_money(@payments payer={q(p['name'])}, amount={amt}, "
          f"description={q(what)})\n{DONE}"],
         [added_where("payments", "requests", f"{p['name']} was asked", payer_name=p["name"]),
@@ -138,7 +139,7 @@ def pay_note_amount(g: Gen) -> TaskSpec:
     p, amt, what = g.contact(), g.amount(), g.word()
     title, _ = _setup_note(g, f"{amt} dollars for {what}", f"Owe {p['first_name']}")
     return TaskSpec(
-        f'Pay {p["name"]} the amount in my note titled "{title}".',
+        f'Pay "{p["name"]}" the amount in my note titled "{title}".',
         [f"print(apis.notes.search_notes(@notes query={q(title)}))",
          f"apis.payments.send_money(@payments to={q(p['name'])}, amount={amt})\n{DONE}"],
         [added_where("payments", "transactions", f"{p['name']} was paid",
@@ -152,7 +153,7 @@ def text_note_content(g: Gen) -> TaskSpec:
     p, text = g.contact(), g.phrase()
     title, _ = _setup_note(g, text)
     return TaskSpec(
-        f'Text {p["name"]} the content of my note titled "{title}".',
+        f'Text "{p["name"]}" the content of my note titled "{title}".',
         [f"{_find_note(title)}\n"
          f'apis.phone.send_text_message(@phone to={q(p["name"])}, message=n["content"])\n{DONE}'],
         [added_where("phone", "messages", f"a text to {p['name']} was sent",
@@ -165,7 +166,7 @@ def text_note_content(g: Gen) -> TaskSpec:
 def text_balance(g: Gen) -> TaskSpec:
     p, balance = g.contact(), _set_balance(g)
     return TaskSpec(
-        f"Text {p['name']} my payments balance.",
+        f'Text "{p["name"]}" my payments balance.',
         ["b = apis.payments.show_balance(@payments)\n"
          f'apis.phone.send_text_message(@phone to={q(p["name"])}, message=str(b["balance"]))\n'
          f"{DONE}"],
@@ -181,7 +182,7 @@ def pay_text_amount(g: Gen) -> TaskSpec:
     p, amt, what = g.contact(), g.amount(), g.word()
     g.text_from(p, f"hey, you owe me {amt} dollars for the {what}")
     return TaskSpec(
-        f"Send {p['name']} the amount they asked for in their last text message.",
+        f'Send "{p["name"]}" the amount they asked for in their last text message.',
         [f"print(apis.phone.search_text_messages(@phone contact={q(p['name'])}, page_limit=1))",
          f"apis.payments.send_money(@payments to={q(p['name'])}, amount={amt})\n{DONE}"],
         [added_where("payments", "transactions", f"{p['name']} was paid",

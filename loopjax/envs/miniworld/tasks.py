@@ -33,6 +33,7 @@ class Preset:
     n_contacts: int                    # people[1..n_contacts] are the supervisor's contacts
     variants: tuple[tuple[str, int], ...]  # tasks per scenario in each split
     seed: int = 0
+    shared_people: bool = False  # all splits draw from one population; held-out tasks stay distinct
     api_subset: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (app, APIs kept); () = all
 
     def scenario(self, name: str) -> Scenario:
@@ -99,9 +100,28 @@ def build_task(preset: Preset, task_id: str) -> tuple[dict, TaskSpec]:
     """The task's initial state (a fresh copy) and its spec."""
     scenario, split, _ = parse_task_id(preset, task_id)
     people, base = base_state(preset)
-    state = copy_state(base)
-    gen = Gen(random.Random(f"{preset.seed}/{task_id}"), state, people, preset.n_contacts, split)
-    return state, scenario.make(gen)
+    taken = train_instructions(preset) if preset.shared_people and split != "train" else set()
+    for attempt in range(50):
+        # With a shared population a held-out draw may repeat a train task: draw again. (A
+        # template with nothing to vary, like "What is my payments balance?", keeps its last draw.)
+        seed = f"{preset.seed}/{task_id}" + (f"/{attempt}" if attempt else "")
+        state = copy_state(base)
+        gen = Gen(random.Random(seed), state, people, preset.n_contacts, split,
+                  preset.shared_people)
+        spec = scenario.make(gen)
+        if _task_key(spec) not in taken:
+            break
+    return state, spec
+
+
+def _task_key(spec: TaskSpec) -> tuple:
+    return spec.instruction, tuple(spec.solution), repr(spec.answer)
+
+
+@functools.lru_cache(maxsize=None)
+def train_instructions(preset: Preset) -> frozenset[tuple]:
+    """Keys of every train task (instruction, solution, answer) of a shared-population preset."""
+    return frozenset(_task_key(build_task(preset, t)[1]) for t in task_ids(preset, "train"))
 
 
 def ground_truth(preset: Preset, task_id: str) -> list[str]:
@@ -111,9 +131,12 @@ def ground_truth(preset: Preset, task_id: str) -> list[str]:
     return render_solution(spec.solution, preset.auth, people[0]["email"])
 
 
+# Many people and many train variants: a from-scratch model learns to copy names and values into
+# code only from varied examples (dev/test people are still unseen full names; their first and
+# last names occur in train, as in any world with a shared population).
 TINY = Preset("miniworld-tiny", ("phone", "notes", "payments"), TINY_SCENARIOS, auth=False,
-              n_people=40, n_contacts=24, seed=7,
-              variants=(("train", 8), ("dev", 3), ("test_normal", 3), ("test_challenge", 3)),
+              n_people=60, n_contacts=40, seed=7, shared_people=True,
+              variants=(("train", 40), ("dev", 3), ("test_normal", 3), ("test_challenge", 3)),
               api_subset=(("phone", ("search_contacts", "add_contact", "send_text_message",
                                      "search_text_messages")),
                           ("notes", ("search_notes", "create_note", "delete_note")),
