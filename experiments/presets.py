@@ -10,11 +10,11 @@ PRESETS = {
     # short episodes and a compact prompt so conversations fit a 512-token context.
     "miniworld-tiny": {
         "env": "miniworld-tiny", "run_dir": "runs/miniworld-tiny", "model": "",
-        "compact_prompt": True, "warm_start": "sft", "sft_steps": 150, "sft_rows": 8,
-        "sft_learning_rate": 3e-3, "iterations": 12, "tasks_per_iteration": 16,
+        "scratch.vocab_size": 1024, "compact_prompt": True, "warm_start": "sft", "sft_steps": 300,
+        "sft_rows": 8, "sft_learning_rate": 3e-3, "iterations": 10, "tasks_per_iteration": 16,
         "rollouts_per_task": 6, "max_interactions_train": 4, "max_interactions_eval": 4,
-        "max_new_tokens": 96, "max_seq_len": 512, "max_obs_tokens": 128, "eval_every": 4,
-        "update.train_full_weights": True, "update.learning_rate": 3e-4,
+        "max_new_tokens": 96, "max_seq_len": 512, "max_obs_tokens": 128, "eval_every": 5,
+        "update.train_full_weights": True, "update.learning_rate": 1e-3,
         "update.minibatch_size": 32, "epochs.buckets": (192, 256, 320, 384, 448, 512),
     },
     # The full miniworld with a real (local) checkpoint, e.g. --model /models/Qwen2.5-7B-Instruct.
@@ -29,9 +29,11 @@ PRESETS = {
     # The paper's run (Table 1, LOOP token): Qwen2.5-32B-Instruct, LoRA r16/alpha 32 on all linear
     # layers, lr 5e-5 constant, K=6, 40 tasks per iteration, 2 epochs, minibatch 32, eps 0.1
     # (reference clip form), grad clip 0.1, 40/50 interactions, 1500 new tokens per turn,
-    # 3000-token outputs, 32K context. 65.5 GB of bf16 weights: a v5p-64 or 16 H100s.
+    # 3000-token outputs, 32K context, the 72 train tasks of difficulty 1-2. 65.5 GB of bf16
+    # weights: a v5p-64 or 16 H100s. Until loopjax has a blockwise attention, full T x T fp32
+    # scores make 32K rows too large: pass --max_seq_len=16384 (tpu_scripts/README.md).
     "appworld-qwen2.5-32b": {
-        "env": "appworld", "run_dir": "runs/appworld-qwen2.5-32b", "compact_prompt": False,
+        "env": "appworld", "train_split": "paper_train", "run_dir": "runs/appworld-qwen2.5-32b", "compact_prompt": False,
         "warm_start": "none", "dtype": "bfloat16", "iterations": 200, "tasks_per_iteration": 40,
         "rollouts_per_task": 6, "temperature": 1.0, "max_interactions_train": 40,
         "max_interactions_eval": 50, "max_new_tokens": 1500, "max_obs_tokens": 3000,
@@ -41,9 +43,10 @@ PRESETS = {
         "update.microbatch_size": 1, "update.remat": True, "epochs.epochs_per_iteration": 2,
         "eval_every": 10, "eval_split": "dev", "mesh": "1,-1,1",
     },
-    # Same recipe at 7B (15.2 GB of bf16 weights): one 80 GB GPU, or a v4-8 / v5e-8.
+    # Same recipe at 7B (15.2 GB of bf16 weights): one 80 GB GPU, or a v4-8 / v5e-8 (with
+    # --max_seq_len=16384 / 8192 for now, see above).
     "appworld-qwen2.5-7b": {
-        "env": "appworld", "run_dir": "runs/appworld-qwen2.5-7b", "compact_prompt": False,
+        "env": "appworld", "train_split": "paper_train", "run_dir": "runs/appworld-qwen2.5-7b", "compact_prompt": False,
         "warm_start": "none", "dtype": "bfloat16", "iterations": 200, "tasks_per_iteration": 40,
         "rollouts_per_task": 6, "max_interactions_train": 40, "max_interactions_eval": 50,
         "max_new_tokens": 1500, "max_obs_tokens": 3000, "max_seq_len": 32768,

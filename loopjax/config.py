@@ -39,6 +39,7 @@ class TrainConfig:
     env: str = "miniworld-tiny"  # world: miniworld-tiny | miniworld | appworld
     model: str = ""  # local Hugging Face folder; "" = train a tokenizer and a small model from scratch
     run_dir: str = "runs/miniworld-tiny"  # metrics, events, checkpoints, report files
+    train_split: str = "train"  # tasks LOOP samples from (appworld: "paper_train" = train difficulty 1-2)
     seed: int = 0  # every PRNG key of the run derives from this
     mesh: str = "1,-1,1"  # devices as data,fsdp,tensor (-1 = the rest)
     multihost: bool = False  # call jax.distributed.initialize() (Cloud TPU pods)
@@ -136,19 +137,21 @@ def _parse(value: str, tp):
     raise ValueError(f"cannot parse {value!r} as {tp}")
 
 
-def override(config, dotted: str, value: str):
+def override(config, dotted: str, value: str, _path: str = ""):
     """A copy of `config` with one (possibly nested) field set from its CLI string."""
     head, _, rest = dotted.partition(".")
+    full = _path + dotted
     hints = typing.get_type_hints(type(config))
     if head not in hints:
         fields = sorted(f.name for f in dataclasses.fields(config))
-        raise ValueError(f"unknown option --{dotted}; options of {type(config).__name__}: {fields}")
+        raise ValueError(f"unknown option --{full}; options of {type(config).__name__}: {fields}")
     if rest:
-        return dataclasses.replace(config, **{head: override(getattr(config, head), rest, value)})
+        return dataclasses.replace(
+            config, **{head: override(getattr(config, head), rest, value, f"{_path}{head}.")})
     try:
         parsed = _parse(value, hints[head])
     except ValueError as e:
-        raise ValueError(f"--{dotted}={value}: {e}") from None
+        raise ValueError(f"--{full}={value}: {e}") from None
     return dataclasses.replace(config, **{head: parsed})
 
 

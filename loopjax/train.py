@@ -51,7 +51,7 @@ class Trainer:
         self.key = jax.random.key(c.seed)
         self.timer = Timer()
         self.gt = lambda task_id: ground_truth(task_id, c.env)
-        self.train_tasks = list_tasks(c.env, "train")
+        self.train_tasks = list_tasks(c.env, c.train_split)
         if not self.train_tasks:
             raise ValueError(f"world {c.env!r} has no training tasks")
         self.tokenizer, self.model_config, params = build_policy(c, self.gt, self.train_tasks)

@@ -1,0 +1,56 @@
+"""Presets (the paper's values), CLI overrides and up-front validation of the run config."""
+
+import pytest
+
+from experiments.appworld_loop import resolve
+from experiments.presets import PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_resolves(name):
+    config = resolve([f"--preset={name}"])
+    assert config.run_dir.endswith(name)
+
+
+def test_paper_preset_matches_the_paper():
+    c = resolve(["--preset", "appworld-qwen2.5-32b"])
+    u = c.update
+    assert (c.env, c.train_split, c.rollouts_per_task, c.tasks_per_iteration) == (
+        "appworld", "paper_train", 6, 40)
+    assert (u.lora.rank, u.lora.alpha, u.learning_rate, u.weight_decay, u.max_grad_norm) == (
+        16, 32.0, 5e-5, 0.01, 0.1)
+    assert (u.minibatch_size, u.clip_eps, u.clip_form, u.level, u.train_full_weights) == (
+        32, 0.1, "reference", "token", False)
+    assert set(u.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                   "down_proj"}
+    assert (c.epochs.epochs_per_iteration, c.temperature, c.baseline, c.normalize_std) == (
+        2, 1.0, "leave_one_out", False)
+    assert (c.max_interactions_train, c.max_interactions_eval, c.max_new_tokens, c.max_obs_tokens,
+            c.max_seq_len) == (40, 50, 1500, 3000, 32768)
+    assert (c.straggler_fraction, c.straggler_task_fraction, c.update.adv_min_abs) == (0.9, 0.75, 0.01)
+
+
+def test_overrides_parse_by_field_type():
+    c = resolve(["--iterations=3", "--update.clip_form=none", "--update.lora.rank", "8",
+                 "--epochs.buckets=128,256,512", "--overlap_env=false", "--resume"])
+    assert c.iterations == 3 and c.update.clip_form is None and c.update.lora.rank == 8
+    assert c.epochs.buckets == (128, 256, 512) and c.overlap_env is False and c.resume is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no_such_option=1"], "unknown option --no_such_option"),
+    (["--update.no_such=1"], "unknown option --update.no_such"),
+    (["--iterations=many"], "--iterations=many"),
+    (["--rollouts_per_task=1"], "rollouts_per_task must be >= 2"),
+    (["--update.clip_form=sideways"], "clip_form"),
+    (["--max_seq_len=4096"], "largest update bucket"),
+    (["positional"], "unexpected argument"),
+])
+def test_bad_values_get_clear_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(argv)
+
+
+def test_unknown_preset_exits_with_the_list():
+    with pytest.raises(SystemExit, match="unknown preset"):
+        resolve(["--preset=nope"])
