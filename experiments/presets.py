@@ -10,11 +10,11 @@ PRESETS = {
     # short episodes and a compact prompt so conversations fit a 512-token context.
     "miniworld-tiny": {
         "env": "miniworld-tiny", "run_dir": "runs/miniworld-tiny", "model": "",
-        "scratch.vocab_size": 1024, "compact_prompt": True, "warm_start": "sft", "sft_steps": 300,
+        "scratch.vocab_size": 1024, "compact_prompt": True, "warm_start": "sft", "sft_steps": 350,
         "sft_rows": 8, "sft_learning_rate": 3e-3, "iterations": 10, "tasks_per_iteration": 16,
         "rollouts_per_task": 6, "max_interactions_train": 4, "max_interactions_eval": 4,
         "max_new_tokens": 96, "max_seq_len": 512, "max_obs_tokens": 128, "eval_every": 5,
-        "update.train_full_weights": True, "update.learning_rate": 1e-3,
+        "update.train_full_weights": True, "update.learning_rate": 3e-4,
         "update.minibatch_size": 32, "epochs.buckets": (192, 256, 320, 384, 448, 512),
     },
     # The full miniworld with a real (local) checkpoint, e.g. --model /models/Qwen2.5-7B-Instruct.

@@ -178,8 +178,9 @@ class Trainer:
             "adv/mean": adv.mean(), "adv/abs_mean": np.abs(adv).mean(), "adv/std": adv.std(),
             "adv/filtered_share": np.mean(np.abs(adv) < c.update.adv_min_abs),
             "update/steps": len(history),
-            "time/collect_s": collect_s, "time/update_s": update_s,
-            "time/generate_s": stats["generate_s"], "time/env_wait_s": stats["env_wait_s"],
+            "time/iteration_collect_s": collect_s, "time/iteration_update_s": update_s,
+            "time/iteration_generate_s": stats["generate_s"],
+            "time/iteration_env_wait_s": stats["env_wait_s"],
             "time/tokens_per_s": sum(r["num_generated"] for r in records) / max(stats["generate_s"], 1e-9),
             "compiles/update": self.update_step.num_compiles(),
             "compiles/sampler": sum(sampling_engine.TRACES.values()),
@@ -247,7 +248,7 @@ def run(config: TrainConfig) -> dict:
         log.info("iteration %d: reward %.3f success %.3f kl %.4f clip %.3f (%.1fs collect, %.1fs update)",
                  it + 1, metrics["train/reward"], metrics["train/success"],
                  metrics.get("update/kl_k1", 0.0), metrics.get("update/clip_fraction", 0.0),
-                 metrics["time/collect_s"], metrics["time/update_s"])
+                 metrics["time/iteration_collect_s"], metrics["time/iteration_update_s"])
         if (it + 1) % c.checkpoint_every == 0 or it + 1 == c.iterations:
             trainer.save(it + 1, dict(meta, iteration=it + 1))
     after = {s: trainer.evaluate(s, "after LOOP", c.iterations) for s in c.final_splits}
