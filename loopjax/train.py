@@ -163,8 +163,9 @@ class Trainer:
                 adv[idx] = np.asarray(advantages(rewards, c.baseline, c.normalize_std))[0]
         t0 = time.perf_counter()
         with self.timer("update"):
-            self.state, history = run_iteration(self.update_step, self.state, records, adv,
-                                                jax.random.fold_in(key_it, 1), c.epochs)
+            self.state, history = run_iteration(
+                self.update_step, self.state, records, adv, jax.random.fold_in(key_it, 1), c.epochs,
+                progress=lambda n: progress(n, f"iteration {it} updates", enabled=self.is_main))
         update_s = time.perf_counter() - t0
         rewards = np.array([r["reward"] for r in records])
         metrics = {

@@ -95,11 +95,12 @@ def minibatch_plan(adv_N, lengths_N, key, *, minibatch_size: int, epochs: int, m
 
 
 def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence[Any], adv_N, key,
-                  config: EpochConfig = EpochConfig()):
+                  config: EpochConfig = EpochConfig(), progress=None):
     """`epochs_per_iteration` epochs of minibatch updates over one iteration's rollouts.
 
     Returns (state, metrics): one dict of host floats per step taken, each with its bucket length
     `T`; the last dict has `stopped_on_kl` True when |kl_k1| > kl_stop ended the iteration early.
+    `progress(total)`, if given, makes a progress bar (with `update()` and `close()`) for the steps.
     """
     uc = update_step.config
     M = uc.minibatch_size
@@ -117,6 +118,7 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
         return jax.device_put(batch, update_step.batch_sharding), T
 
     history = []
+    bar = progress(len(plan)) if progress is not None else None
     nxt = to_device(plan[0]) if plan else None
     for i in range(len(plan)):
         batch, T = nxt
@@ -127,10 +129,14 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         metrics.update(T=T, stopped_on_kl=False)
         history.append(metrics)
+        if bar is not None:
+            bar.update(1)
         if metrics["nan_skips"] > config.max_nan_skips:
             raise RuntimeError(f"{int(metrics['nan_skips'])} update steps had a non-finite loss or "
                                f"gradient (limit {config.max_nan_skips}); training is diverging")
         if abs(metrics["kl_k1"]) > config.kl_stop:
             metrics["stopped_on_kl"] = True
             break
+    if bar is not None:
+        bar.close()
     return state, history
