@@ -152,6 +152,11 @@ class Trainer:
                 limits=self.limits_train, key=jax.random.fold_in(key_it, 0),
                 temperature=c.temperature, desc=f"iteration {it} rollouts")
         collect_s = time.perf_counter() - t0
+        failed = [r for r in records if r.get("env_failure")]
+        if failed:  # the environment broke, not the policy: such rollouts carry no signal
+            log.warning("%d rollouts dropped for environment failures, e.g. %s", len(failed),
+                        failed[0]["env_failure"])
+            records = [r for r in records if not r.get("env_failure")]
         # Leave-one-out within each task, over the rollouts that finished (>= 2 needed).
         groups = {}
         for i, r in enumerate(records):
@@ -175,7 +180,7 @@ class Trainer:
             "train/code_error_rate": np.sum([r["code_errors"] for r in records])
             / max(1, np.sum([r["num_turns"] for r in records])),
             "train/generated_tokens": np.mean([r["num_generated"] for r in records]),
-            "train/episodes_cut": stats["cut"],
+            "train/episodes_cut": stats["cut"], "train/env_failures": len(failed),
             "adv/mean": adv.mean(), "adv/abs_mean": np.abs(adv).mean(), "adv/std": adv.std(),
             "adv/filtered_share": np.mean(np.abs(adv) < c.update.adv_min_abs),
             "update/steps": len(history),

@@ -51,6 +51,7 @@ class Episode:
     eval: object = None
     slot: int = -1
     future: cf.Future | None = None
+    env_failure: str | None = None  # set when the environment, not the agent, failed
 
     def record(self) -> dict:
         arrays = self.conv.as_arrays()
@@ -60,6 +61,7 @@ class Episode:
             reward=float(self.eval.reward), success=bool(self.eval.success),
             passes=list(self.eval.passes), failures=list(self.eval.failures),
             num_turns=len(self.turns), end_reason=self.end_reason, instruction=self.instruction,
+            env_failure=self.env_failure,
             turns=self.turns, num_tokens=len(self.conv.tokens),
             num_generated=int(np.sum(arrays["is_output"])),
             doc_lookups=code.count("api_docs."),
@@ -98,7 +100,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
     def finish(ep: Episode, reason: str):
         ep.done, ep.end_reason = True, reason
         engine.free(ep.slot)
-        ep.future = pool.submit(envs[ep.slot].evaluate)
+        ep.future = pool.submit(_evaluate, envs[ep.slot], ep)
 
     def ask_policy(ep: Episode):
         # Room for the turn plus what closes it (end-of-turn, the template's newline).
@@ -172,6 +174,14 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
     finished.sort(key=lambda e: e.index)
     stats["cut"] = len(episodes) - len(finished)
     return [ep.record() for ep in finished], stats
+
+
+def _evaluate(env, ep: Episode):
+    """The final unit tests; an environment that failed (e.g. a crashed AppWorld server that could
+    not be recovered) marks the episode, so the trainer leaves it out of the update."""
+    result = env.evaluate()
+    ep.env_failure = getattr(env, "failure", None)
+    return result
 
 
 def _reset(env, ep: Episode, tokenizer, limits: EpisodeLimits):
