@@ -86,6 +86,13 @@ def note_question(g: Gen) -> TaskSpec:
         [], [], answer=text)
 
 
+def _paid_checks(name: str, amt: int) -> list:
+    """A transaction to `name` was added, and it has the amount."""
+    return [added_where("payments", "transactions", f"{name} was paid", receiver_name=name),
+            added_where("payments", "transactions", f"the amount is {amt}", receiver_name=name,
+                        amount=amt)]
+
+
 def _payment_allow(name: str) -> list[Allow]:
     return [only("payments", "transactions", receiver_name=name),
             Allow("payments", "account", ("update",))]
@@ -97,10 +104,7 @@ def pay_contact(g: Gen) -> TaskSpec:
         f'Send ${amt} to "{p["name"]}" for "{what}".',
         [f"apis.payments.send_money(@payments to={q(p['name'])}, amount={amt}, "
          f"description={q(what)})\n{DONE}"],
-        [added_where("payments", "transactions", f"{p['name']} was paid",
-                     receiver_name=p["name"]),
-         added_where("payments", "transactions", f"the amount is {amt}",
-                     receiver_name=p["name"], amount=amt),
+        _paid_checks(p["name"], amt) + [
          added_where("payments", "transactions", f"the description is {what!r}",
                      receiver_name=p["name"], description=what)],
         _payment_allow(p["name"]))
@@ -142,10 +146,7 @@ def pay_note_amount(g: Gen) -> TaskSpec:
         f'Pay "{p["name"]}" the amount in my note titled "{title}".',
         [f"print(apis.notes.search_notes(@notes query={q(title)}))",
          f"apis.payments.send_money(@payments to={q(p['name'])}, amount={amt})\n{DONE}"],
-        [added_where("payments", "transactions", f"{p['name']} was paid",
-                     receiver_name=p["name"]),
-         added_where("payments", "transactions", f"the amount is {amt}",
-                     receiver_name=p["name"], amount=amt)],
+        _paid_checks(p["name"], amt),
         _payment_allow(p["name"]))
 
 
@@ -185,10 +186,7 @@ def pay_text_amount(g: Gen) -> TaskSpec:
         f'Send "{p["name"]}" the amount they asked for in their last text message.',
         [f"print(apis.phone.search_text_messages(@phone contact={q(p['name'])}, page_limit=1))",
          f"apis.payments.send_money(@payments to={q(p['name'])}, amount={amt})\n{DONE}"],
-        [added_where("payments", "transactions", f"{p['name']} was paid",
-                     receiver_name=p["name"]),
-         added_where("payments", "transactions", f"the amount is {amt}",
-                     receiver_name=p["name"], amount=amt)],
+        _paid_checks(p["name"], amt),
         _payment_allow(p["name"]))
 
 
