@@ -25,7 +25,7 @@ from loopjax.config import TrainConfig
 from loopjax.envs import ground_truth, list_tasks, make_env
 from loopjax.loop.advantages import advantages
 from loopjax.loop.epochs import run_iteration
-from loopjax.loop.update import init_train_state, make_update_step
+from loopjax.loop.update import init_train_state, make_optimizer, make_update_step
 from loopjax.metrics import MetricsWriter, Timer, progress
 from loopjax.policy import build_policy
 from loopjax.rollout.collector import EpisodeLimits, collect
@@ -133,7 +133,6 @@ class Trainer:
             rows=c.sft_rows, length=c.max_seq_len, learning_rate=c.sft_learning_rate,
             key=jax.random.fold_in(self.key, 2), batch_sharding=self.update_step.batch_sharding,
             log=lambda i, loss: log.info("sft step %d loss %.4f", i, loss))
-        from loopjax.loop.update import make_optimizer  # noqa: PLC0415
         self.state = self.state.replace(trainable=trained,
                                         opt_state=make_optimizer(c.update).init(trained))
 
