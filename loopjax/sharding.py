@@ -8,6 +8,7 @@ Batches shard their row axis over ("data", "fsdp").
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import jax
@@ -42,8 +43,14 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 
 
 def make_mesh(spec: str | tuple[int, ...] = "1,-1,1", devices=None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh from a spec like "1,-1,1" (-1 = all remaining devices)."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A ("data", "fsdp", "tensor") mesh from a spec like "1,-1,1" (-1 = all remaining devices).
+
+    Devices are ordered by process, so with several hosts each host's devices form a block of the
+    leading "data" axis (what loopjax.multihost needs); on one host the order is jax.devices().
+    """
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: d.process_index)  # stable: keeps ids in order
+    devices = list(devices)
     n = len(devices)
     if isinstance(spec, str):
         try:
@@ -120,9 +127,15 @@ def initialize_distributed(enabled: bool = False, **kwargs) -> dict:
     """Calls jax.distributed.initialize() (multi-host) when asked; logs who and where we are.
 
     kwargs go to jax.distributed.initialize (coordinator_address, num_processes, process_id);
-    on Cloud TPU they are discovered automatically.
+    on Cloud TPU they are discovered automatically. Elsewhere (CPU or GPU hosts) set the
+    environment variables JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID; JAX reads the first itself, the other two are read here. On CPU, JAX's default
+    cross-process collectives (gloo) carry the all-reduces.
     """
     if enabled:
+        for arg, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            if os.environ.get(var):
+                kwargs.setdefault(arg, int(os.environ[var]))
         jax.distributed.initialize(**kwargs)
     info = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                 local_devices=jax.local_device_count(), global_devices=jax.device_count(),

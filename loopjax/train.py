@@ -11,6 +11,7 @@ evaluates held-out splits before LOOP and after it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from loopjax import eval as evaluation
+from loopjax import eval as evaluation, multihost
 from loopjax.checkpoint import Checkpointer, abstract_like
 from loopjax.config import TrainConfig
 from loopjax.envs import ground_truth, list_tasks, make_env
@@ -48,18 +49,30 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         os.makedirs(c.run_dir, exist_ok=True)
         self.mesh = make_mesh(c.mesh)
+        self.sampler_mesh = multihost.local_mesh(self.mesh)  # this host's devices (all on one host)
         self.key = jax.random.key(c.seed)
         self.timer = Timer()
         self.gt = lambda task_id: ground_truth(task_id, c.env)
         self.train_tasks = list_tasks(c.env, c.train_split)
         if not self.train_tasks:
             raise ValueError(f"world {c.env!r} has no training tasks")
-        self.tokenizer, self.model_config, params = build_policy(c, self.gt, self.train_tasks)
+        # Other processes build their (identical) tokenizer in a folder of their own: hosts may
+        # share the run folder, and process 0's files are not visible on every host.
+        policy_c = c if self.is_main else dataclasses.replace(
+            c, run_dir=os.path.join(c.run_dir, f"process{jax.process_index()}"))
+        os.makedirs(policy_c.run_dir, exist_ok=True)
+        self.tokenizer, self.model_config, params = build_policy(policy_c, self.gt,
+                                                                 self.train_tasks)
+        multihost.check_same("the tokenizer or model config",
+                             multihost.fingerprint(self.tokenizer, self.model_config))
         self.state = init_train_state(self.model_config, c.update, params,
                                       jax.random.fold_in(self.key, 1), self.mesh)
         self.update_step = make_update_step(self.model_config, c.update, self.mesh, self.state)
-        n_slots = min(MAX_SLOTS, max(c.tasks_per_iteration * c.rollouts_per_task, 1))
-        self.engine = SamplingEngine(self.model_config, n_slots, c.max_seq_len, mesh=self.mesh,
+        # Each host samples its share of the tasks on its own devices (loopjax.multihost).
+        per_host = -(-c.tasks_per_iteration // jax.process_count()) * c.rollouts_per_task
+        n_slots = min(MAX_SLOTS, max(per_host, 1))
+        self.engine = SamplingEngine(self.model_config, n_slots, c.max_seq_len,
+                                     mesh=self.sampler_mesh,
                                      stop_ids=sorted(self.tokenizer.eos_ids),
                                      decode_steps=32, min_len_bucket=64)
         self.envs = [make_env(c.env) for _ in range(n_slots)]
@@ -78,17 +91,20 @@ class Trainer:
         return (s.trainable, None) if s.base is None else (s.base, s.trainable)
 
     def rollouts(self, task_ids, groups, *, limits, key, temperature, desc, straggler=True):
+        """Episodes of (task, group) pairs; every process gets all records, in request order."""
         c = self.config
-        params, lora = self.params_lora
-        bar = progress(len(task_ids), desc, enabled=self.is_main)
+        mine = multihost.my_episodes(groups)  # all of them on one host
+        params, lora = multihost.local_view(self.params_lora, self.sampler_mesh)
+        bar = progress(len(mine), desc, enabled=self.is_main)
         with bar:
             records, stats = collect(
-                self.engine, params, lora, self.envs, self.tokenizer, task_ids, groups, limits,
+                self.engine, params, lora, self.envs, self.tokenizer, [task_ids[i] for i in mine],
+                [groups[i] for i in mine], limits, indices=mine,
                 key=key, temperature=temperature, workers=c.env_workers, overlap=c.overlap_env,
                 straggler_fraction=c.straggler_fraction if straggler else 1.0,
                 straggler_task_fraction=c.straggler_task_fraction if straggler else 1.0,
                 progress=bar.update)
-        return records, stats
+        return multihost.gather_rollouts(records, stats)
 
     def evaluate(self, split: str, tag: str, iteration: int) -> dict:
         c = self.config
@@ -203,7 +219,9 @@ class Trainer:
     # ------------------------------------------------------------------------- the run
 
     def save(self, iteration: int, meta: dict):
-        trained = self.state.replace(base=None)
+        # Placed on the state's shardings: every array must be global for a multi-host save (the
+        # warm start re-initializes the optimizer state outside jit, on one device).
+        trained = jax.device_put(self.state.replace(base=None), self.update_step.state_shardings)
         self.ckpt.save(iteration, trained, dict(meta, iteration=iteration))
 
     def restore(self) -> dict | None:
@@ -227,10 +245,11 @@ def run(config: TrainConfig) -> dict:
     metrics_path = os.path.join(c.run_dir, "metrics.jsonl")
     meta = trainer.restore()
     if meta is None:
-        if os.path.exists(metrics_path):
+        if trainer.is_main and os.path.exists(metrics_path):
             os.remove(metrics_path)  # a fresh run in an old folder starts a fresh log
     else:
-        evaluation.truncate_metrics(metrics_path, meta["iteration"])
+        if trainer.is_main:
+            evaluation.truncate_metrics(metrics_path, meta["iteration"])
         log.info("resuming %s at iteration %d", c.run_dir, meta["iteration"])
     writer = MetricsWriter(c.run_dir, enabled=trainer.is_main)
     if trainer.is_main:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from loopjax import multihost
 from loopjax.loop.update import Batch, TrainState, UpdateStep
 
 DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -112,10 +113,15 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
                           epochs=config.epochs_per_iteration, min_abs=uc.adv_min_abs,
                           positive_only=uc.adv_positive_only)
 
+    # Every process knows all rollouts and the same plan; it packs only the rows its own devices
+    # hold (all M rows on one host), and the global batch is assembled from the processes' blocks.
+    rows = multihost.host_rows(update_step.batch_sharding.adv_B, M)
+
     def to_device(idx):
         T = bucket_length(int(lengths_N[idx].max()), config.buckets)
-        batch = pack_minibatch([rollouts[i] for i in idx], adv_N[idx], M, T)
-        return jax.device_put(batch, update_step.batch_sharding), T
+        mine = idx[rows]
+        batch = pack_minibatch([rollouts[i] for i in mine], adv_N[mine], rows.stop - rows.start, T)
+        return multihost.global_batch(batch, update_step.batch_sharding, M), T
 
     history = []
     bar = progress(len(plan)) if progress is not None else None

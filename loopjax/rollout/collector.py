@@ -40,7 +40,7 @@ class EpisodeLimits:
 @dataclasses.dataclass
 class Episode:
     """One rollout in progress; `record()` gives the finished rollout as a plain dict."""
-    index: int  # position in the request list (= the episode's identity for PRNG keys)
+    index: int  # the episode's global index in the request (its identity for PRNG keys)
     task_id: str
     group: int  # which task of the iteration (episodes of one group share a baseline)
     conv: Conversation | None = None
@@ -72,16 +72,20 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
             groups: Sequence[int], limits: EpisodeLimits, *, key, temperature: float = 1.0,
             workers: int = 8, overlap: bool = True, straggler_fraction: float = 1.0,
             straggler_task_fraction: float = 1.0,
-            progress: Callable[[int], None] | None = None) -> tuple[list[dict], dict]:
+            progress: Callable[[int], None] | None = None,
+            indices: Sequence[int] | None = None) -> tuple[list[dict], dict]:
     """Runs one episode per task id on the engine's slots (one env per slot, reused).
 
-    Episode i samples with PRNG key fold_in(key, i), so its draws do not depend on which slot or
-    batch it ran in. Returns (records of the finished episodes in request order, stats: seconds
-    spent in device steps and waiting for environments, episodes cut as stragglers).
+    Episode i samples with PRNG key fold_in(key, indices[i]) (default indices: 0, 1, ...), so its
+    draws do not depend on which slot, batch or host it ran in: a host running a share of an
+    iteration's episodes passes their global indices. Returns (records of the finished episodes
+    in request order, stats: seconds spent in device steps and waiting for environments,
+    episodes cut as stragglers).
     """
     import jax  # noqa: PLC0415
 
-    episodes = [Episode(i, t, g) for i, (t, g) in enumerate(zip(task_ids, groups))]
+    indices = range(len(task_ids)) if indices is None else indices
+    episodes = [Episode(i, t, g) for i, t, g in zip(indices, task_ids, groups)]
     queue = list(reversed(episodes))
     num_slots = min(engine.num_slots, len(envs))
     free_slots = list(reversed(range(num_slots)))
