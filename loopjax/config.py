@@ -42,7 +42,7 @@ class TrainConfig:
     train_split: str = "train"  # tasks LOOP samples from (appworld: "paper_train" = train difficulty 1-2)
     seed: int = 0  # every PRNG key of the run derives from this
     mesh: str = "1,-1,1"  # devices as data,fsdp,tensor (-1 = the rest)
-    multihost: bool = False  # one JAX process per host: jax.distributed.initialize() (TPU pods; else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
+    multihost: bool = False  # one JAX process per host (jax.distributed.initialize; off TPU set JAX_COORDINATOR_ADDRESS etc.)
     dtype: str = "float32"  # params dtype for a --model checkpoint (bfloat16 for big models)
     scratch: ScratchModel = ScratchModel()
     compact_prompt: bool = True  # short prompt without the worked example (small from-scratch models)
