@@ -51,6 +51,7 @@ class TrainConfig:
     sft_steps: int = 300  # optimizer steps of supervised fine-tuning
     sft_rows: int = 8  # rows of max_seq_len tokens per SFT step, several demonstrations packed per row
     sft_learning_rate: float = 3e-3  # AdamW learning rate of the warm start
+    sft_moments_to_loop: bool = False  # LOOP's AdamW starts from the SFT's second moments (warm_start=sft/rft)
     rft_rounds: int = 2  # rounds of rejection-sampling fine-tuning (warm_start=rft)
     # --- LOOP
     iterations: int = 20  # LOOP iterations

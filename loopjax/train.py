@@ -144,13 +144,15 @@ class Trainer:
                 return
         log.info("warm start (%s) on %d demonstrations, %d steps", c.warm_start, len(records),
                  c.sft_steps)
-        trained = warmstart.sft(
+        trained, sft_opt_state = warmstart.sft(
             self.model_config, self.state.trainable, self.state.base, records, steps=c.sft_steps,
             rows=c.sft_rows, length=c.max_seq_len, learning_rate=c.sft_learning_rate,
             key=jax.random.fold_in(self.key, 2), batch_sharding=self.update_step.batch_sharding,
-            log=lambda i, loss: log.info("sft step %d loss %.4f", i, loss))
-        self.state = self.state.replace(trainable=trained,
-                                        opt_state=make_optimizer(c.update).init(trained))
+            log=lambda i, loss: log.info("sft step %d loss %.4f", i, loss), return_opt_state=True)
+        opt_state = make_optimizer(c.update).init(trained)
+        if c.sft_moments_to_loop:
+            opt_state = warmstart.with_second_moments(opt_state, sft_opt_state)
+        self.state = self.state.replace(trainable=trained, opt_state=opt_state)
 
     def iteration(self, it: int) -> dict:
         c = self.config

@@ -116,9 +116,10 @@ def pack_rows(records, order, rows: int, length: int):
 
 
 def sft(model_config, trainable, base, records, *, steps: int, rows: int, length: int,
-        learning_rate: float, key, batch_sharding=None, log=None):
+        learning_rate: float, key, batch_sharding=None, log=None, return_opt_state: bool = False):
     """`steps` AdamW steps (cosine-decayed learning rate) on `records` packed into rows x length
-    batches, walking through shuffled epochs; returns the trained `trainable`."""
+    batches, walking through shuffled epochs; returns the trained `trainable` (and the optimizer
+    state with `return_opt_state`)."""
     if not records:
         raise ValueError("supervised fine-tuning needs at least one demonstration")
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
@@ -138,4 +139,23 @@ def sft(model_config, trainable, base, records, *, steps: int, rows: int, length
         trainable, opt_state, loss = step_fn(trainable, opt_state, base, batch)
         if log is not None and (i % 25 == 0 or i == steps - 1):
             log(i, float(loss))
-    return trainable
+    return (trainable, opt_state) if return_opt_state else trainable
+
+
+def _is_adam(x) -> bool:
+    return isinstance(x, optax.ScaleByAdamState)
+
+
+def with_second_moments(opt_state, sft_opt_state):
+    """`opt_state` (a fresh AdamW state) with the warm start's second moments and step count.
+
+    A fresh Adam divides the first gradients by their own magnitude, so its first steps move every
+    weight by about the learning rate whatever the gradient's size: on a small model trained in
+    full with noisy policy gradients that is a random walk. Starting from the SFT's second moments
+    (and its count, so there is no bias correction to undo) scales each weight's step by how large
+    its gradients have been. The first moments start at zero: LOOP does not inherit SFT's momentum.
+    """
+    (src,) = [x for x in jax.tree.leaves(sft_opt_state, is_leaf=_is_adam) if _is_adam(x)]
+    return jax.tree.map(
+        lambda x: x._replace(count=src.count, nu=src.nu, mu=jax.tree.map(jnp.zeros_like, x.mu))
+        if _is_adam(x) else x, opt_state, is_leaf=_is_adam)

@@ -1,0 +1,66 @@
+"""LOOP's optimizer started from the warm start's second moments: the carried state and the first
+AdamW step it takes, against the closed form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from loopjax import warmstart
+from loopjax.loop.update import UpdateConfig, make_optimizer
+
+
+def _sft_state(params, grads_list):
+    """The warm start's optimizer (as warmstart.sft builds it) after a few steps."""
+    sft = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(optax.cosine_decay_schedule(1e-3, 10, 0.1), weight_decay=0.0))
+    state = sft.init(params)
+    for g in grads_list:
+        _, state = sft.update(g, state, params)
+    return state
+
+
+def test_with_second_moments_carries_nu_and_count_not_mu():
+    params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32), params)
+             for _ in range(3)]
+    sft_state = _sft_state(params, grads)
+    (sft_adam,) = [x for x in jax.tree.leaves(sft_state, is_leaf=warmstart._is_adam)
+                   if warmstart._is_adam(x)]
+    loop_state = warmstart.with_second_moments(make_optimizer(UpdateConfig()).init(params), sft_state)
+    (adam,) = [x for x in jax.tree.leaves(loop_state, is_leaf=warmstart._is_adam)
+               if warmstart._is_adam(x)]
+    assert int(adam.count) == 3
+    for k in params:
+        np.testing.assert_array_equal(adam.nu[k], sft_adam.nu[k])
+        np.testing.assert_array_equal(adam.mu[k], 0.0)
+    # The tree structure is LOOP's own (it must stay a valid state for the jitted update step).
+    assert (jax.tree.structure(loop_state)
+            == jax.tree.structure(make_optimizer(UpdateConfig()).init(params)))
+
+
+def test_first_loop_step_matches_adamw_closed_form():
+    """One step from the carried state = AdamW's formula with the SFT's nu and count."""
+    params = {"w": jnp.asarray([[0.5, -0.2, 0.1]], jnp.float32)}
+    sft_grads = [{"w": jnp.asarray([[0.3, -0.1, 0.05]], jnp.float32)},
+                 {"w": jnp.asarray([[0.2, 0.1, -0.05]], jnp.float32)}]
+    c = UpdateConfig(learning_rate=1e-3, weight_decay=0.01, max_grad_norm=10.0)
+    opt = make_optimizer(c)
+    state = warmstart.with_second_moments(opt.init(params), _sft_state(params, sft_grads))
+    g = np.array([[0.01, -0.02, 0.0]], np.float32)
+    updates, _ = opt.update({"w": jnp.asarray(g)}, state, params)
+
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    nu0 = 0.0
+    for sg in sft_grads:  # small gradients: the SFT's norm clip (1.0) leaves them unchanged
+        nu0 = b2 * nu0 + (1 - b2) * np.asarray(sg["w"]) ** 2
+    t = len(sft_grads) + 1
+    mu = (1 - b1) * g
+    nu = b2 * nu0 + (1 - b2) * g ** 2
+    want = -c.learning_rate * ((mu / (1 - b1 ** t)) / (np.sqrt(nu / (1 - b2 ** t)) + eps)
+                               + c.weight_decay * np.asarray(params["w"]))
+    np.testing.assert_allclose(np.asarray(updates["w"]), want, rtol=1e-5, atol=1e-9)
+    # A fresh AdamW would instead move each coordinate with a gradient by ~lr (sign-like).
+    fresh, _ = opt.update({"w": jnp.asarray(g)}, opt.init(params), params)
+    assert abs(float(fresh["w"][0, 0])) > 5 * abs(float(updates["w"][0, 0]))
