@@ -148,11 +148,15 @@ class Trainer:
             self.model_config, self.state.trainable, self.state.base, records, steps=c.sft_steps,
             rows=c.sft_rows, length=c.max_seq_len, learning_rate=c.sft_learning_rate,
             key=jax.random.fold_in(self.key, 2), batch_sharding=self.update_step.batch_sharding,
-            log=lambda i, loss: log.info("sft step %d loss %.4f", i, loss), return_opt_state=True)
+            log=lambda i, loss: log.info("sft step %d loss %.4f", i, loss))
         opt_state = make_optimizer(c.update).init(trained)
         if c.sft_moments_to_loop:
             opt_state = warmstart.with_second_moments(opt_state, sft_opt_state)
-        self.state = self.state.replace(trainable=trained, opt_state=opt_state)
+        # The new optimizer state is made outside jit: place it on the state's shardings (global
+        # arrays, which a multi-host checkpoint save needs).
+        placed = jax.device_put(self.state.replace(base=None, trainable=trained, opt_state=opt_state),
+                                self.update_step.state_shardings)
+        self.state = placed.replace(base=self.state.base)
 
     def iteration(self, it: int) -> dict:
         c = self.config
@@ -221,9 +225,7 @@ class Trainer:
     # ------------------------------------------------------------------------- the run
 
     def save(self, iteration: int, meta: dict):
-        # Placed on the state's shardings: every array must be global for a multi-host save (the
-        # warm start re-initializes the optimizer state outside jit, on one device).
-        trained = jax.device_put(self.state.replace(base=None), self.update_step.state_shardings)
+        trained = self.state.replace(base=None)
         self.ckpt.save(iteration, trained, dict(meta, iteration=iteration))
 
     def restore(self) -> dict | None:

@@ -115,16 +115,21 @@ def pack_rows(records, order, rows: int, length: int):
     return batch, used
 
 
+def sft_optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:
+    """The warm start's AdamW: global-norm clip 1.0, learning rate cosine-decayed to 10%."""
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(optax.cosine_decay_schedule(learning_rate, max(steps, 1), 0.1),
+                                   weight_decay=0.0))
+
+
 def sft(model_config, trainable, base, records, *, steps: int, rows: int, length: int,
-        learning_rate: float, key, batch_sharding=None, log=None, return_opt_state: bool = False):
+        learning_rate: float, key, batch_sharding=None, log=None):
     """`steps` AdamW steps (cosine-decayed learning rate) on `records` packed into rows x length
-    batches, walking through shuffled epochs; returns the trained `trainable` (and the optimizer
-    state with `return_opt_state`)."""
+    batches, walking through shuffled epochs; returns (the trained `trainable`, the optimizer
+    state)."""
     if not records:
         raise ValueError("supervised fine-tuning needs at least one demonstration")
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(optax.cosine_decay_schedule(learning_rate, max(steps, 1), 0.1),
-                                        weight_decay=0.0))
+    optimizer = sft_optimizer(learning_rate, steps)
     opt_state = optimizer.init(trainable)
     step_fn = make_sft_step(model_config, optimizer)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
@@ -139,7 +144,7 @@ def sft(model_config, trainable, base, records, *, steps: int, rows: int, length
         trainable, opt_state, loss = step_fn(trainable, opt_state, base, batch)
         if log is not None and (i % 25 == 0 or i == steps - 1):
             log(i, float(loss))
-    return (trainable, opt_state) if return_opt_state else trainable
+    return trainable, opt_state
 
 
 def _is_adam(x) -> bool:

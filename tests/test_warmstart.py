@@ -4,16 +4,14 @@ AdamW step it takes, against the closed form."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from loopjax import warmstart
 from loopjax.loop.update import UpdateConfig, make_optimizer
 
 
 def _sft_state(params, grads_list):
-    """The warm start's optimizer (as warmstart.sft builds it) after a few steps."""
-    sft = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(optax.cosine_decay_schedule(1e-3, 10, 0.1), weight_decay=0.0))
+    """The warm start's optimizer after a few steps."""
+    sft = warmstart.sft_optimizer(1e-3, 10)
     state = sft.init(params)
     for g in grads_list:
         _, state = sft.update(g, state, params)
