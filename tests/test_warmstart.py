@@ -4,6 +4,7 @@ AdamW step it takes, against the closed form."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from loopjax import warmstart
 from loopjax.loop.update import UpdateConfig, make_optimizer
@@ -62,3 +63,33 @@ def test_first_loop_step_matches_adamw_closed_form():
     # A fresh AdamW would instead move each coordinate with a gradient by ~lr (sign-like).
     fresh, _ = opt.update({"w": jnp.asarray(g)}, opt.init(params), params)
     assert abs(float(fresh["w"][0, 0])) > 5 * abs(float(updates["w"][0, 0]))
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_trainer_warm_start_hands_loop_a_placed_optimizer_state(tmp_path, carry):
+    """Trainer.warm_start: with sft_moments_to_loop the LOOP optimizer continues the SFT's count
+    and second moments, without it it starts fresh; either way the state sits on its shardings."""
+    from experiments.appworld_loop import resolve  # noqa: PLC0415
+    from loopjax import train  # noqa: PLC0415
+
+    steps = 3
+    config = resolve([f"--run_dir={tmp_path}", "--scratch.hidden_size=32", "--scratch.num_layers=1",
+                      "--scratch.intermediate_size=64", "--scratch.head_dim=16",
+                      "--scratch.vocab_size=400", "--tasks_per_iteration=1",
+                      "--rollouts_per_task=2", f"--sft_steps={steps}", "--sft_rows=8",
+                      f"--sft_moments_to_loop={carry}"])
+    trainer = train.Trainer(config)
+    try:
+        trainer.warm_start()
+    finally:
+        for env in trainer.envs:
+            env.close()
+    (adam,) = [x for x in jax.tree.leaves(trainer.state.opt_state, is_leaf=warmstart._is_adam)
+               if warmstart._is_adam(x)]
+    assert int(adam.count) == (steps if carry else 0)
+    nu_sum = sum(float(jnp.sum(v)) for v in jax.tree.leaves(adam.nu))
+    assert (nu_sum > 0) == carry
+    assert all(float(jnp.abs(m).max()) == 0 for m in jax.tree.leaves(adam.mu))
+    want = jax.tree.leaves(trainer.update_step.state_shardings.opt_state)
+    got = [x.sharding for x in jax.tree.leaves(trainer.state.opt_state)]
+    assert len(got) == len(want) and all(g == w for g, w in zip(got, want))
