@@ -102,7 +102,17 @@ class TrainConfig:
             raise ValueError(f"training temperature must be > 0, got {self.temperature}")
 
     def check(self) -> "TrainConfig":
-        """Checks between fields (run once the overrides are all applied)."""
+        """Checks between fields (run once the overrides are all applied).
+
+        The update's behaviour log-probs are taken at the rollout temperature, so
+        `update.temperature` follows `temperature` (set only one; differing values are an error)."""
+        if self.update.temperature != self.temperature:
+            if self.update.temperature != UpdateConfig().temperature:
+                raise ValueError(
+                    f"update.temperature={self.update.temperature} differs from the rollout "
+                    f"temperature={self.temperature}; set --temperature only (the update follows it)")
+            return dataclasses.replace(
+                self, update=dataclasses.replace(self.update, temperature=self.temperature)).check()
         if self.epochs.buckets[-1] < self.max_seq_len:
             raise ValueError(f"the largest update bucket {self.epochs.buckets[-1]} must hold a whole "
                              f"conversation of max_seq_len={self.max_seq_len} tokens; add a bucket "

@@ -45,6 +45,7 @@ def test_overrides_parse_by_field_type():
     (["--update.clip_form=sideways"], "clip_form"),
     (["--max_seq_len=4096"], "largest update bucket"),
     (["positional"], "unexpected argument"),
+    (["--temperature=0.7", "--update.temperature=0.5"], "set --temperature only"),
 ])
 def test_bad_values_get_clear_errors(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -54,3 +55,8 @@ def test_bad_values_get_clear_errors(argv, message):
 def test_unknown_preset_exits_with_the_list():
     with pytest.raises(SystemExit, match="unknown preset"):
         resolve(["--preset=nope"])
+
+
+def test_update_temperature_follows_the_rollout_temperature():
+    assert resolve(["--temperature=0.7"]).update.temperature == 0.7
+    assert resolve([]).update.temperature == resolve([]).temperature == 1.0

@@ -140,7 +140,8 @@ def attention(q_BxTxHxDh, k_BxSxHkxDh, v_BxSxHkxDh, mask_BxTxS):
 
 
 def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, mask_BxTxS, kv_cache):
-    """One pre-norm block. kv_cache = None or (k_BxSxHkxDh, v_BxSxHkxDh, write_idx_BxT)."""
+    """One pre-norm block. kv_cache = None or (k_LxBxSxHkxDh, v_LxBxSxHkxDh, write_idx_BxT,
+    layer_idx): the whole cache and this block's layer in it; returns (x, (k, v) updated)."""
     B, T, _ = x_BxTxD.shape
     H, Hk, Dh, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
     inv_freq = rope_inv_freq(config)
@@ -156,12 +157,17 @@ def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, mask_BxTxS, kv_
     q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
     new_kv = None
     if kv_cache is not None:
-        cache_k, cache_v, write_idx_BxT = kv_cache
+        # The whole [L, ...] cache is carried through the layer scan and this layer's rows are
+        # written in place (a per-layer cache as scan input/output would copy it every call).
+        cache_k, cache_v, write_idx_BxT, layer_idx = kv_cache
         rows_Bx1 = jnp.arange(B)[:, None]
         # mode="drop": a write past the cache end is dropped, never clamped onto real entries.
-        cache_k = cache_k.at[rows_Bx1, write_idx_BxT].set(k.astype(cache_k.dtype), mode="drop")
-        cache_v = cache_v.at[rows_Bx1, write_idx_BxT].set(v.astype(cache_v.dtype), mode="drop")
-        k, v, new_kv = cache_k, cache_v, (cache_k, cache_v)
+        cache_k = cache_k.at[layer_idx, rows_Bx1, write_idx_BxT].set(k.astype(cache_k.dtype),
+                                                                     mode="drop")
+        cache_v = cache_v.at[layer_idx, rows_Bx1, write_idx_BxT].set(v.astype(cache_v.dtype),
+                                                                     mode="drop")
+        new_kv = (cache_k, cache_v)
+        k, v = cache_k[layer_idx], cache_v[layer_idx]
     x_BxTxD = x_BxTxD + lin(attention(q, k, v, mask_BxTxS), name="o_proj")
 
     # --- SwiGLU MLP
@@ -206,21 +212,28 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
     lora_layers = None if lora_w is None else lora_w
 
     def layer(x, xs):
-        p, lp, ck, cv = xs
-        kv = None if ck is None else (ck, cv, write_idx_BxT)
-        x, new_kv = block(config, x, p, lp, lora_scale, positions_BxT, mask_BxTxS, kv)
-        return x, new_kv
+        p, lp = xs
+        x, _ = block(config, x, p, lp, lora_scale, positions_BxT, mask_BxTxS, None)
+        return x, None
 
-    if config.remat:
-        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-    ck = None if cache is None else cache.k_LxBxSxHkxDh
-    cv = None if cache is None else cache.v_LxBxSxHkxDh
-    x_BxTxD, new_kv = jax.lax.scan(layer, x_BxTxD, (params["layers"], lora_layers, ck, cv))
-    h_BxTxD = rms_norm(x_BxTxD, params["final_norm"], config.rms_norm_eps)
+    def cached_layer(carry, xs):
+        x, ck, cv = carry
+        (p, lp), i = xs
+        x, (ck, cv) = block(config, x, p, lp, lora_scale, positions_BxT, mask_BxTxS,
+                            (ck, cv, write_idx_BxT, i))
+        return (x, ck, cv), None
+
     if cache is None:
-        return h_BxTxD, None
+        if config.remat:
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+        x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, (params["layers"], lora_layers))
+        return rms_norm(x_BxTxD, params["final_norm"], config.rms_norm_eps), None
+    (x_BxTxD, ck, cv), _ = jax.lax.scan(
+        cached_layer, (x_BxTxD, cache.k_LxBxSxHkxDh, cache.v_LxBxSxHkxDh),
+        ((params["layers"], lora_layers), jnp.arange(config.num_layers)))
+    h_BxTxD = rms_norm(x_BxTxD, params["final_norm"], config.rms_norm_eps)
     num_new_B = jnp.sum(segment_ids_BxT > 0, axis=1).astype(jnp.int32)
-    return h_BxTxD, KVCache(new_kv[0], new_kv[1], cache.lengths_B + num_new_B)
+    return h_BxTxD, KVCache(ck, cv, cache.lengths_B + num_new_B)
 
 
 def unembed(config: ModelConfig, params, h_BxTxD):
