@@ -11,11 +11,29 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+def set_aside(directory: str) -> str | None:
+    """Moves a previous run's checkpoints out of a fresh run's way, to `<directory>.previous`
+    (replacing an older one there); returns that path, or None when there was nothing to move.
+
+    Orbax skips saving a step that is not newer than the folder's latest one, so a fresh run in an
+    old folder would otherwise save nothing, and a later --resume would restore the old run."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        return None
+    previous = directory + ".previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    os.replace(directory, previous)
+    log.warning("a fresh run: the previous run's checkpoints moved to %s (use --resume to "
+                "continue a run instead)", previous)
+    return previous
 
 
 class Checkpointer:

@@ -116,6 +116,12 @@ def gather_rollouts(records: list[dict], stats: dict) -> tuple[list[dict], dict]
     return records, stats
 
 
+def barrier(name: str) -> None:
+    """Every process waits here until all arrive (nothing to do on one host)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def check_same(what: str, value: str) -> None:
     """Raises unless every process has the same `value` (e.g. a tokenizer built on each host)."""
     if jax.process_count() == 1:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from loopjax import eval as evaluation, multihost
-from loopjax.checkpoint import Checkpointer, abstract_like
+from loopjax.checkpoint import Checkpointer, abstract_like, set_aside
 from loopjax.config import TrainConfig
 from loopjax.envs import ground_truth, list_tasks, make_env
 from loopjax.loop.advantages import advantages
@@ -80,7 +80,12 @@ class Trainer:
                                           c.max_obs_tokens, c.compact_prompt)
         self.limits_eval = EpisodeLimits(c.max_interactions_eval, c.max_new_tokens, c.max_seq_len,
                                          c.max_obs_tokens, c.compact_prompt)
-        self.ckpt = Checkpointer(os.path.join(c.run_dir, "checkpoints"), keep=c.keep_checkpoints)
+        ckpt_dir = os.path.join(c.run_dir, "checkpoints")
+        if not c.resume:
+            if self.is_main:
+                set_aside(ckpt_dir)
+            multihost.barrier("checkpoints set aside")
+        self.ckpt = Checkpointer(ckpt_dir, keep=c.keep_checkpoints)
         self.episodes_for_html: list[dict] = []
 
     # ------------------------------------------------------------------------- policy access

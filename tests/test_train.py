@@ -4,6 +4,7 @@ SIGKILL at random moments + --resume giving the same metrics as an uninterrupted
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,17 @@ def test_run_folder_and_table(reference_run):
                     "train/code_error_rate", "train/turns"):
             assert key in m, key
     assert "eval/dev/tgc" in metrics[2] and "eval/dev/sgc" in metrics[10]
+
+
+def test_fresh_run_in_an_old_folder_sets_its_checkpoints_aside(reference_run, tmp_path):
+    run_dir = str(tmp_path / "again")
+    shutil.copytree(reference_run[0], run_dir)  # holds checkpoints 9 and 10 of a 10-iteration run
+    proc = subprocess.run(_cmd(run_dir, "--iterations=1"), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0", "1"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints.previous"))) == ["10", "9"]
+    assert sorted(_metrics(run_dir)) == [0, 1]
 
 
 def test_compiles_stay_bounded(reference_run):
