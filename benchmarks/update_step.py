@@ -82,9 +82,11 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False) -> dict:
     state = init_train_state(mc, uc, init_params(mc, jax.random.key(0)), jax.random.key(1), mesh)
     step = make_update_step(mc, uc, mesh, state)
     tokens, is_output, logp_old, adv = fake_rollouts(cfg, T, n)
+    # One rollout per forward row; row i is row i // num of its microbatch (loopjax.loop.update).
+    src = ((np.arange(n) // uc.num_microbatches)[:, None] * T + np.arange(T)).astype(np.int32)
     batch = Batch(tokens, np.broadcast_to(np.arange(T, dtype=np.int32), (n, T)).copy(),
-                  np.ones((n, T), np.int32), is_output, logp_old, adv, np.zeros((n, T), np.int32),
-                  np.ones(n, np.float32))
+                  np.ones((n, T), np.int32), src, is_output, logp_old, adv,
+                  np.zeros((n, T), np.int32), np.ones(n, np.float32))
     batch = jax.device_put(batch, step.batch_sharding)
 
     start = time.perf_counter()

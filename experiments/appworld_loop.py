@@ -27,6 +27,7 @@ def resolve(argv: list[str]) -> TrainConfig:
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
     try:
         config = resolve(sys.argv[1:] if argv is None else argv)
     except ValueError as e:

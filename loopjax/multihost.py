@@ -10,8 +10,8 @@ params (sharded over fsdp/tensor, replicated over data) have a complete replica 
   as PRNG identities, so every rollout is the one a single process would sample.
 - `gather_rollouts` then gives every process all rollouts in the single-process order: the
   advantages, the minibatch plan and the bucket lengths are computed identically everywhere, and
-  each process packs only the rows of every minibatch that its devices hold (`host_rows`) into
-  one global batch (`global_batch`, jax.make_array_from_process_local_data).
+  each process packs every minibatch whole and hands on the rows its devices hold (`host_rows`)
+  to one global batch (`global_batch`, jax.make_array_from_process_local_data).
 - The update step, the SFT warm start and the orbax checkpoints run on global arrays, called by all
   processes; files are written by process 0 only (Trainer.is_main).
 
@@ -145,14 +145,15 @@ def host_rows(sharding: NamedSharding, rows: int) -> slice:
     return slice(lo, hi)
 
 
-def global_batch(local, shardings, rows: int):
-    """A global [rows, ...] batch from each process's `host_rows` block (`local`, a pytree of
-    NumPy arrays); on one host `local` is the whole batch and this is jax.device_put."""
+def global_batch(batch, shardings):
+    """A global batch (a pytree of [rows, ...] arrays, `shardings` alike) from `batch`, which every
+    process holds whole: each process hands on the `host_rows` block its devices hold. On one host
+    this is jax.device_put."""
     if jax.process_count() == 1:
-        return jax.device_put(local, shardings)
+        return jax.device_put(batch, shardings)
     return jax.tree.map(
-        lambda x, s: jax.make_array_from_process_local_data(s, x, (rows,) + x.shape[1:]),
-        local, shardings)
+        lambda x, s: jax.make_array_from_process_local_data(
+            s, x[host_rows(s, x.shape[0])], x.shape), batch, shardings)
 
 
 def fingerprint(tokenizer, model_config) -> str:

@@ -32,7 +32,7 @@ from loopjax.policy import build_policy
 from loopjax.rollout.collector import EpisodeLimits, collect
 from loopjax.sampling import engine as sampling_engine
 from loopjax.sampling.engine import SamplingEngine
-from loopjax.sharding import initialize_distributed, make_mesh
+from loopjax.sharding import batch_sharding, initialize_distributed, make_mesh
 from loopjax import warmstart
 
 log = logging.getLogger("loopjax")
@@ -152,7 +152,7 @@ class Trainer:
         trained, sft_opt_state = warmstart.sft(
             self.model_config, self.state.trainable, self.state.base, records, steps=c.sft_steps,
             rows=c.sft_rows, length=c.max_seq_len, learning_rate=c.sft_learning_rate,
-            key=jax.random.fold_in(self.key, 2), batch_sharding=self.update_step.batch_sharding,
+            key=jax.random.fold_in(self.key, 2), batch_sharding=batch_sharding(self.mesh),
             log=lambda i, loss: log.info("sft step %d loss %.4f", i, loss))
         opt_state = make_optimizer(c.update).init(trained)
         if c.sft_moments_to_loop:
@@ -217,7 +217,7 @@ class Trainer:
             "compiles/update": self.update_step.num_compiles(),
             "compiles/sampler": sum(sampling_engine.TRACES.values()),
         }
-        for k in ("loss", "grad_norm", "clip_fraction", "kl_k1", "kl_k3"):
+        for k in ("loss", "grad_norm", "clip_fraction", "kl_k1", "kl_k3", "rows", "T"):
             if history:
                 metrics[f"update/{k}"] = float(np.mean([h[k] for h in history]))
         if history:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from loopjax.agent import format_code_turn, format_observation, react_messages
-from loopjax.loop.update import Batch
 from loopjax.models.transformer import token_logprobs
 from loopjax.rollout.collector import Episode, EpisodeLimits, _reset, _step
 
@@ -67,15 +67,24 @@ def demonstrations(env, tokenizer, task_ids, ground_truth, limits: EpisodeLimits
     return records
 
 
+@flax.struct.dataclass
+class Rows:
+    """Packed demonstrations, [rows, length] each: several sequences per row as segments 1, 2, ...
+    (0 = padding) with positions restarting; the loss mask is True on assistant tokens."""
+    tokens_BxT: jax.Array
+    positions_BxT: jax.Array
+    segment_ids_BxT: jax.Array
+    mask_BxT: jax.Array
+
+
 def make_sft_step(model_config, optimizer):
     """Jitted step: mean negative log-likelihood of the output tokens of a packed batch."""
 
-    def loss_fn(trainable, base, batch):
+    def loss_fn(trainable, base, batch: Rows):
         params, lora = (trainable, None) if base is None else (base, trainable)
         logp = token_logprobs(model_config, params, batch.tokens_BxT, positions_BxT=batch.positions_BxT,
                               segment_ids_BxT=batch.segment_ids_BxT, lora=lora)
-        mask = batch.mask_BxT * batch.weight_B[:, None]
-        return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return -jnp.sum(logp * batch.mask_BxT) / jnp.maximum(jnp.sum(batch.mask_BxT), 1.0)
 
     def step(trainable, opt_state, base, batch):
         loss, grads = jax.value_and_grad(loss_fn)(trainable, base, batch)
@@ -87,7 +96,7 @@ def make_sft_step(model_config, optimizer):
 
 def pack_rows(records, order, rows: int, length: int):
     """Greedily packs records (in `order`, from its front) into `rows` x `length` rows, several
-    sequences per row as segments 1, 2, ... with positions restarting; returns (Batch, used)."""
+    sequences per row as segments 1, 2, ... with positions restarting; returns (Rows, used)."""
     tokens = np.zeros((rows, length), np.int32)
     positions = np.zeros((rows, length), np.int32)
     segments = np.zeros((rows, length), np.int32)
@@ -109,10 +118,7 @@ def pack_rows(records, order, rows: int, length: int):
         segments[row, a:a + n], mask[row, a:a + n] = nseg[row], r["is_output"]
         fill[row] += n
         used += 1
-    zeros_f = np.zeros((rows, length), np.float32)
-    batch = Batch(tokens, positions, segments, mask, zeros_f, np.zeros(rows, np.float32),
-                  np.zeros((rows, length), np.int32), np.ones(rows, np.float32))
-    return batch, used
+    return Rows(tokens, positions, segments, mask.astype(np.float32)), used
 
 
 def sft_optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:

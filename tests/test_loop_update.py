@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loopjax.loop.advantages import advantages
-from loopjax.loop.epochs import EpochConfig, pack_minibatch, run_iteration
+from loopjax.loop.epochs import EpochConfig, forward_rows, pack_minibatch, run_iteration
 from loopjax.loop.update import Batch, UpdateConfig, init_train_state, make_update_step
 from loopjax.models.config import ModelConfig
 from loopjax.models.transformer import forward, init_params, token_logprobs
@@ -141,7 +141,7 @@ def test_one_copy_of_base_weights():
     assert len(live) == 1
 
 
-def test_compiles_at_most_once_per_bucket():
+def test_compiles_once_per_bucket_and_row_count():
     state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh(), fresh=True)
     epoch = EpochConfig(epochs_per_iteration=1, buckets=(8, 16, 32))
     length_ranges = [(3, 8), (9, 16), (17, 30), (3, 30)]
@@ -154,7 +154,56 @@ def test_compiles_at_most_once_per_bucket():
         history += h
     assert len(history) == 20
     assert {m["T"] for m in history} == {8, 16, 32}
-    assert step.num_compiles() == 3
+    shapes = {(m["rows"], m["T"]) for m in history}
+    # Packed rows come in quarters of the minibatch: at most 4 row counts per bucket.
+    assert {r for r, _ in shapes} <= {2, 4, 6, 8} and min(r for r, _ in shapes) < 8
+    assert step.num_compiles() == len(shapes) <= 12
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_forward_rows_packs_within_microbatch_groups(groups):
+    lengths = [30, 5, 12, 17, 9, 31, 2, 14, 16, 8]
+    R, place = forward_rows(lengths, 32, pack=True, groups=groups, slots=12)
+    used = {}
+    for i, (row, off) in enumerate(place):
+        assert row % groups == i % groups and 0 <= off and off + lengths[i] <= 32
+        for col in range(off, off + lengths[i]):
+            assert (row, col) not in used, "two rollouts overlap"
+            used[row, col] = i
+    assert R % groups == 0 and max(r for r, _ in place) < R
+    assert R < 12  # fewer rows than one per rollout
+    unpacked, place = forward_rows(lengths, 32, pack=False, groups=groups, slots=12)
+    assert unpacked == 12 and place == [(i, 0) for i in range(len(lengths))]
+
+
+@pytest.mark.parametrize("level,mesh_shape,micro", [("token", "1,1,1", 0), ("turn", "1,1,1", 2),
+                                                     ("trajectory", "1,1,1", 4),
+                                                     ("token", "2,2,2", 4)])
+def test_packed_rows_match_one_rollout_per_row(level, mesh_shape, micro):
+    """Several rollouts per forward row (segments) give the loss, metrics and update of one per row."""
+    config = UpdateConfig(level=level, minibatch_size=8, microbatch_size=micro, learning_rate=1e-3)
+    mesh = make_mesh(mesh_shape, devices=jax.devices()[:mesh_shape.count("2") and 8 or 1])
+    rollouts = random_rollouts(11, 7, min_len=3, max_len=14)  # 7 of 8 slots: one empty
+    adv = np.random.default_rng(3).normal(size=7).astype(np.float32)
+    groups = config.num_microbatches
+    packed = pack_minibatch(rollouts, adv, 8, 32, pack=True, groups=groups, multiple=1)
+    plain = pack_minibatch(rollouts, adv, 8, 32)
+    assert len(packed.tokens_RxT) < len(plain.tokens_RxT) == 8
+    a, ma = run_steps(config, mesh, [plain])
+    b, mb = run_steps(config, mesh, [packed])
+    assert_trees_close(a, b)
+    for k in ("loss", "grad_norm", "kl_k1", "clip_fraction", "num_tokens", "num_rollouts"):
+        np.testing.assert_allclose(ma[0][k], mb[0][k], rtol=1e-5, atol=1e-7)
+
+
+def test_rollout_in_another_microbatchs_row_is_refused():
+    state, step = make(UpdateConfig(minibatch_size=8, microbatch_size=4), one_device_mesh())
+    rollouts = random_rollouts(12, 8)
+    batch = pack_minibatch(rollouts, np.ones(8, np.float32), 8, 16, pack=True, groups=1)
+    batch = batch.replace(**{f: np.pad(getattr(batch, f), ((0, 8 - len(batch.tokens_RxT)), (0, 0)))
+                             for f in ("tokens_RxT", "positions_RxT", "segment_ids_RxT")})
+    with pytest.raises(ValueError, match="another microbatch"):
+        step(state, batch)
 
 
 def test_kl_stop_ends_iteration():

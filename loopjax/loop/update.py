@@ -18,6 +18,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -65,20 +66,28 @@ class UpdateConfig:
 
 @flax.struct.dataclass
 class Batch:
-    """One minibatch of rollouts, one rollout per right-padded row (rows B = minibatch_size).
+    """One minibatch: B = minibatch_size rollout slots, as the loss sees them (one rollout per row,
+    right-padded), and the R forward rows that hold their tokens. Unpacked, R = B and rollout b is
+    forward row b; packed (loopjax.loop.epochs), several rollouts share a forward row as segments,
+    so R < B rows of T tokens do the forward and backward pass.
 
-    tokens_BxT      int32  token ids; 0 on padding
-    positions_BxT   int32  RoPE positions (0, 1, 2, ... along a rollout)
-    segment_ids_BxT int32  1 on a rollout's tokens, 0 on padding
+    Forward rows [R, T]:
+    tokens_RxT      int32  token ids; 0 on padding
+    positions_RxT   int32  RoPE positions, restarting at 0 for each rollout of a row
+    segment_ids_RxT int32  1, 2, ... for the rollouts of a row (attention stays inside one); 0 on padding
+    Rollout slots [B, T] / [B]:
+    src_BxT         int32  where rollout b's t-th token lies: forward row * T + column (0 past
+                           its end); the row must be in b's microbatch (row = b mod microbatches)
     mask_BxT        bool   is_output: True exactly on generated tokens (these carry the loss)
     logp_old_BxT    f32    behaviour log-probs on generated tokens (anything elsewhere)
     adv_B           f32    the rollout's advantage
     turn_ids_BxT    int32  turn index of each token, in [0, T) (used at level="turn")
-    weight_B        f32    1 for a real rollout, 0 for a padding row (denominator stays M)
+    weight_B        f32    1 for a real rollout, 0 for an empty slot (denominator stays M)
     """
-    tokens_BxT: jax.Array
-    positions_BxT: jax.Array
-    segment_ids_BxT: jax.Array
+    tokens_RxT: jax.Array
+    positions_RxT: jax.Array
+    segment_ids_RxT: jax.Array
+    src_BxT: jax.Array
     mask_BxT: jax.Array
     logp_old_BxT: jax.Array
     adv_B: jax.Array
@@ -139,7 +148,8 @@ def init_train_state(model_config: ModelConfig, config: UpdateConfig, params, ke
 
 
 def _microbatches(batch: Batch, num: int, mesh) -> Batch:
-    """[B, ...] -> [num, B/num, ...], microbatch i = rows i, i+num, ... so each stays device-local."""
+    """[B, ...] -> [num, B/num, ...] (and [R, ...] -> [num, R/num, ...]): microbatch i = rows i,
+    i+num, ... so each stays device-local."""
     def split(x):
         x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
         x = jnp.swapaxes(x, 0, 1)
@@ -158,11 +168,16 @@ def _loss_fn(model_config, config, trainable, base, mb: Batch):
         params, lora = trainable, None
     else:
         params, lora = base, trainable
-    logp_new_BxT = token_logprobs(model_config, params, mb.tokens_BxT, positions_BxT=mb.positions_BxT,
-                                  segment_ids_BxT=mb.segment_ids_BxT, lora=lora,
-                                  temperature=config.temperature)
+    logp_RxT = token_logprobs(model_config, params, mb.tokens_RxT, positions_BxT=mb.positions_RxT,
+                              segment_ids_BxT=mb.segment_ids_RxT, lora=lora,
+                              temperature=config.temperature)
+    # Forward rows -> one rollout per row; the gather's gradient scatters back. A microbatch holds
+    # every num-th forward row (_microbatches): global row r is its row r // num.
+    T = logp_RxT.shape[1]
+    src_BxT = (mb.src_BxT // T // config.num_microbatches) * T + mb.src_BxT % T
+    logp_new_BxT = jnp.take(logp_RxT.reshape(-1), src_BxT, mode="clip")
     weight_B = mb.weight_B * keep_mask(mb.adv_B, config.adv_min_abs, config.adv_positive_only)
-    mask_BxT = mb.mask_BxT & (mb.segment_ids_BxT > 0) & (weight_B[:, None] > 0)
+    mask_BxT = mb.mask_BxT & (weight_B[:, None] > 0)
     loss, aux = policy_loss(logp_new_BxT, mb.logp_old_BxT, mb.adv_B, mask_BxT, level=config.level,
                             clip_eps=config.clip_eps, clip_form=config.clip_form,
                             turn_ids_BxT=mb.turn_ids_BxT, loss_denominator=config.minibatch_size)
@@ -264,6 +279,15 @@ class UpdateStep:
         if batch.adv_B.shape[0] != self.config.minibatch_size:
             raise ValueError(f"batch has {batch.adv_B.shape[0]} rows but minibatch_size is "
                              f"{self.config.minibatch_size}; pad with weight_B = 0 rows")
+        rows, num = batch.tokens_RxT.shape[0], self.config.num_microbatches
+        if rows % num or rows % data_parallel_size(self.mesh):
+            raise ValueError(f"{rows} forward rows must divide by the {num} microbatches and the "
+                             f"data-parallel size {data_parallel_size(self.mesh)}")
+        if isinstance(batch.src_BxT, np.ndarray) and num > 1:  # a host batch: check its layout
+            row_B = batch.src_BxT[:, 0] // batch.tokens_RxT.shape[1]
+            if np.any((row_B % num != np.arange(len(row_B)) % num) & (batch.weight_B > 0)):
+                raise ValueError(f"a rollout lies in a forward row of another microbatch: pack "
+                                 f"with groups={num} (loopjax.loop.epochs.pack_minibatch)")
         base = state.base
         # No-ops when already placed; fixes up host batches and a re-initialized optimizer state.
         # The base is not moved here: a mismatch there raises rather than silently copying the LLM.
