@@ -7,7 +7,8 @@ what the preset needs; tpu_scripts/README.md works the arithmetic through.
 PRESETS = {
     # The embedded default: a ~1M-parameter policy trained from scratch on miniworld-tiny on two
     # CPU cores in minutes. Full-weight training (LoRA on a random model would be pointless),
-    # short episodes and a compact prompt so conversations fit a 512-token context.
+    # short episodes and a compact prompt so conversations fit a 512-token context. The learner packs
+    # rollouts into 512-token rows: one row length, so a run compiles at most 4 update programs.
     "miniworld-tiny": {
         "env": "miniworld-tiny", "run_dir": "runs/miniworld-tiny", "model": "",
         "scratch.vocab_size": 1024, "compact_prompt": True, "warm_start": "sft", "sft_steps": 350,
@@ -15,7 +16,7 @@ PRESETS = {
         "rollouts_per_task": 6, "max_interactions_train": 4, "max_interactions_eval": 4,
         "max_new_tokens": 96, "max_seq_len": 512, "max_obs_tokens": 128, "eval_every": 5,
         "update.train_full_weights": True, "update.learning_rate": 3e-4,
-        "update.minibatch_size": 32, "epochs.buckets": (192, 256, 320, 384, 448, 512),
+        "update.minibatch_size": 32, "epochs.buckets": (512,),
     },
     # The full miniworld with a real (local) checkpoint, e.g. --model /models/Qwen2.5-7B-Instruct.
     # Needs bf16 weights + KV cache for 48 slots of 16K tokens: ~60 GB for a 7B model (one

@@ -1,0 +1,91 @@
+"""The LOOP update on real rollouts, packed several per forward row vs one per row: ONE JSON line.
+
+    python benchmarks/packing.py                  # needs a finished default run (runs/miniworld-tiny)
+    python benchmarks/packing.py --run_dir runs/x --iterations 3
+
+Restores the run's last checkpoint, samples `--iterations` iterations of the run's G x K rollouts
+with its policy (the same code path as `python -m experiments.appworld_loop`), and times the
+epochs of LOOP updates over each iteration's rollouts twice from the same state: with packing (the
+default, `--epochs.pack=true`) and with one rollout per row (`--epochs.pack=false`, what loopjax did
+before). Both run in this process on the same rollouts and plans, each in two passes over all
+iterations: the first compiles every (rows, T) shape it meets, the second reuses them (a long run's
+steady state). Reports both passes' update seconds, the programs compiled, and the forward
+tokens (rows x T) per step.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.appworld_loop import resolve  # noqa: E402
+from loopjax import train  # noqa: E402
+from loopjax.loop.advantages import advantages  # noqa: E402
+from loopjax.loop.epochs import run_iteration  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run_dir", default="runs/miniworld-tiny")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="extra --key=value options after --")
+    args = parser.parse_args()
+    config = resolve([f"--run_dir={args.run_dir}", "--resume", *args.overrides])
+    trainer = train.Trainer(config)
+    if trainer.restore() is None:
+        raise SystemExit(f"no checkpoint in {args.run_dir}/checkpoints: run "
+                         "`python -m experiments.appworld_loop` first")
+    G, K = config.tasks_per_iteration, config.rollouts_per_task
+    rng = np.random.default_rng(0)
+    work = []
+    for it in range(args.iterations):
+        tasks = [trainer.train_tasks[i] for i in rng.choice(len(trainer.train_tasks), G)]
+        records, _ = trainer.rollouts([t for t in tasks for _ in range(K)],
+                                      [g for g in range(G) for _ in range(K)],
+                                      limits=trainer.limits_train, key=jax.random.key(it),
+                                      temperature=config.temperature, desc=f"rollouts {it}",
+                                      straggler=False)  # all G x K, in order
+        rewards = np.array([r["reward"] for r in records], np.float32).reshape(G, K)
+        adv = np.asarray(advantages(rewards, config.baseline, config.normalize_std)).reshape(-1)
+        work.append((records, adv))
+    lengths = [len(r["tokens"]) for records, _ in work for r in records]
+
+    saved = jax.device_get(trainer.state.replace(base=None))
+    out = {"benchmark": "packing", "run_dir": args.run_dir, "rollouts": len(lengths),
+           "mean_len": float(np.mean(lengths)), "max_len": int(np.max(lengths))}
+    for name, pack in (("packed", True), ("one_per_row", False)):
+        epochs = dataclasses.replace(config.epochs, pack=pack)
+        compiles0 = trainer.update_step.num_compiles()
+        passes = []
+        for _ in range(2):  # the first pass compiles every shape it meets; the second reuses them
+            t_pass, steps, fwd_tokens = 0.0, 0, 0
+            for i, (records, adv) in enumerate(work):
+                state = jax.device_put(saved, trainer.update_step.state_shardings)
+                state = state.replace(base=trainer.state.base)
+                t0 = time.perf_counter()
+                state, history = run_iteration(trainer.update_step, state, records, adv,
+                                               jax.random.key(100 + i), epochs)
+                jax.block_until_ready(state.trainable)
+                t_pass += time.perf_counter() - t0
+                steps += len(history)
+                fwd_tokens += sum(h["rows"] * h["T"] for h in history)
+            passes.append(t_pass)
+        out[name] = {"first_pass_s": round(passes[0], 2), "second_pass_s": round(passes[1], 2),
+                     "steps": steps, "compiles": trainer.update_step.num_compiles() - compiles0,
+                     "forward_tokens_per_step": round(fwd_tokens / max(steps, 1))}
+    kept = out["packed"]["forward_tokens_per_step"], out["one_per_row"]["forward_tokens_per_step"]
+    out["forward_token_ratio"] = round(kept[1] / max(kept[0], 1), 2)
+    out["second_pass_speedup"] = round(out["one_per_row"]["second_pass_s"]
+                                       / max(out["packed"]["second_pass_s"], 1e-9), 2)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
