@@ -1,6 +1,7 @@
 """LOOP update-step throughput on this CPU: prints ONE JSON line.
 
     python benchmarks/update_step.py [--small] [--rollouts 2] [--steps 1] [--seq 2048] [--remat]
+                                     [--attention_chunk N]
 
 - loopjax: the jitted update step (LoRA r16 on every projection, one minibatch of `--rollouts`
   rollouts of T tokens, gradient accumulation one rollout per microbatch) on a ~100M-parameter
@@ -24,6 +25,8 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FULL = dict(vocab_size=32768, hidden_size=768, intermediate_size=3584, num_layers=8, num_heads=12,
             num_kv_heads=2, head_dim=64)
@@ -67,7 +70,8 @@ def base_weight_copies(jax, state) -> float:
     return max(live[s] / base[s] for s in base)
 
 
-def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False) -> dict:
+def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
+            attention_chunk: int | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -77,6 +81,8 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False) -> dict:
     from loopjax.sharding import make_mesh
 
     mc = ModelConfig(**cfg, qkv_bias=True, tie_embeddings=True, rope_theta=1e6, family="qwen2")
+    if attention_chunk is not None:
+        mc = mc.replace(attention_chunk=attention_chunk)
     uc = UpdateConfig(minibatch_size=n, microbatch_size=1, remat=remat)
     mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
     state = init_train_state(mc, uc, init_params(mc, jax.random.key(0)), jax.random.key(1), mesh)
@@ -115,7 +121,7 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False) -> dict:
     return dict(step_s=step_s, first_step_s=first_s, tokens_per_s=n * T / step_s,
                 peak_rss_mb=peak_rss_mb(), base_weight_copies=copies,
                 matmul_flops_per_s=matmul, params=mc.num_params(), loss=float(metrics["loss"]),
-                compiles=step.num_compiles())
+                compiles=step.num_compiles(), attention_chunk=mc.attention_chunk)
 
 
 def run_torch(cfg: dict, T: int, n: int, steps: int) -> dict:
@@ -180,13 +186,17 @@ def main():
     ap.add_argument("--steps", type=int, default=1, help="timed update steps after the first")
     ap.add_argument("--seq", type=int, default=None, help="T (default 2048, 512 with --small)")
     ap.add_argument("--remat", action="store_true", help="loopjax side: rematerialize each layer")
+    ap.add_argument("--attention_chunk", type=int, default=None,
+                    help="loopjax side: queries per attention block (0 = one dense T x T block; "
+                         "default: ModelConfig's)")
     ap.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = SMALL if args.small else FULL
     T = args.seq or (512 if args.small else 2048)
     if args.side:
         if args.side == "jax":
-            print(json.dumps(run_jax(cfg, T, args.rollouts, args.steps, args.remat)))
+            print(json.dumps(run_jax(cfg, T, args.rollouts, args.steps, args.remat,
+                                     args.attention_chunk)))
         else:
             print(json.dumps(run_torch(cfg, T, args.rollouts, args.steps)))
         return
@@ -194,7 +204,9 @@ def main():
     for side in ("jax", "torch"):
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--rollouts",
                str(args.rollouts), "--steps", str(args.steps), "--seq", str(T)] + (
-                   ["--small"] if args.small else []) + (["--remat"] if args.remat else [])
+                   ["--small"] if args.small else []) + (["--remat"] if args.remat else []) + (
+                   [] if args.attention_chunk is None or side == "torch"
+                   else ["--attention_chunk", str(args.attention_chunk)])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         sides[side] = json.loads(out.strip().splitlines()[-1])
     flops = model_flops(cfg, T, args.rollouts)

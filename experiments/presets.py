@@ -31,8 +31,8 @@ PRESETS = {
     # layers, lr 5e-5 constant, K=6, 40 tasks per iteration, 2 epochs, minibatch 32, eps 0.1
     # (reference clip form), grad clip 0.1, 40/50 interactions, 1500 new tokens per turn,
     # 3000-token outputs, 32K context, the 72 train tasks of difficulty 1-2. 65.5 GB of bf16
-    # weights: a v5p-64 or 16 H100s. Until loopjax has a blockwise attention, full T x T fp32
-    # scores make 32K rows too large: pass --max_seq_len=16384 (tpu_scripts/README.md).
+    # weights: a v5p-64 or 16 H100s. At 32K the sampler's KV cache (8 GiB per slot) limits the
+    # concurrent rollouts per chip: tpu_scripts/README.md works it through (its examples use 16K).
     "appworld-qwen2.5-32b": {
         "env": "appworld", "train_split": "paper_train", "run_dir": "runs/appworld-qwen2.5-32b", "compact_prompt": False,
         "warm_start": "none", "dtype": "bfloat16", "iterations": 200, "tasks_per_iteration": 40,

@@ -32,6 +32,10 @@ class ModelConfig:
     dtype: str = "float32"  # params and activations; softmax, norms and logits are always fp32
     remat: bool = False  # rematerialize each layer in the backward pass (saves activation memory)
     logits_chunk: int = 1024  # token_logprobs computes log-softmax over V this many tokens at a time
+    # Attention without a KV cache (the learner's forward) runs this many queries at a time against
+    # the keys up to the block's end: scores never exceed [chunk, T], blocks above the causal
+    # diagonal are skipped, and each block is recomputed in the backward pass. 0 = one T x T block.
+    attention_chunk: int = 1024
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -43,6 +47,8 @@ class ModelConfig:
                                   "num_kv_heads", "head_dim", "logits_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.attention_chunk < 0:
+            raise ValueError(f"attention_chunk must be >= 0 (0 = unchunked), got {self.attention_chunk}")
 
     @property
     def jnp_dtype(self):

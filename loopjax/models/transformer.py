@@ -139,9 +139,42 @@ def attention(q_BxTxHxDh, k_BxSxHkxDh, v_BxSxHkxDh, mask_BxTxS):
     return out.reshape(B, T, H * Dh)
 
 
-def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, mask_BxTxS, kv_cache):
-    """One pre-norm block. kv_cache = None or (k_LxBxSxHkxDh, v_LxBxSxHkxDh, write_idx_BxT,
-    layer_idx): the whole cache and this block's layer in it; returns (x, (k, v) updated)."""
+def _segment_causal_mask(seg_q_BxC, seg_k_BxS, q_start: int):
+    """Query q_start + i may see key j <= q_start + i of its own segment."""
+    C, S = seg_q_BxC.shape[1], seg_k_BxS.shape[1]
+    causal_CxS = (q_start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]
+    return (seg_q_BxC[:, :, None] == seg_k_BxS[:, None, :]) & causal_CxS[None]
+
+
+def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT, chunk: int):
+    """Causal attention within segments (packed rows), `chunk` queries at a time.
+
+    Query block [a, b) attends to keys [0, b) only: the scores never exceed [chunk, T], the blocks
+    above the diagonal are never computed, and each block is rematerialized in the backward pass,
+    so attention memory is one block's whatever T is. chunk 0 (or T <= chunk): one dense block.
+    """
+    T = q_BxTxHxDh.shape[1]
+    if not chunk or T <= chunk:
+        return attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh,
+                         _segment_causal_mask(segment_ids_BxT, segment_ids_BxT, 0))
+
+    @functools.partial(jax.checkpoint, static_argnums=(5,))
+    def one_block(q, k, v, seg_q, seg_k, start):
+        return attention(q, k, v, _segment_causal_mask(seg_q, seg_k, start))
+
+    outs = []
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        outs.append(one_block(q_BxTxHxDh[:, a:b], k_BxTxHkxDh[:, :b], v_BxTxHkxDh[:, :b],
+                              segment_ids_BxT[:, a:b], segment_ids_BxT[:, :b], a))
+    return jnp.concatenate(outs, axis=1)
+
+
+def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cache):
+    """One pre-norm block. Without a cache `attend` is segment_ids_BxT (causal attention within
+    segments); with one it is mask_BxTxS over the cache, and kv_cache = (k_LxBxSxHkxDh,
+    v_LxBxSxHkxDh, write_idx_BxT, layer_idx): the whole cache and this block's layer in it.
+    Returns (x, (k, v) updated)."""
     B, T, _ = x_BxTxD.shape
     H, Hk, Dh, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
     inv_freq = rope_inv_freq(config)
@@ -168,7 +201,11 @@ def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, mask_BxTxS, kv_
                                                                      mode="drop")
         new_kv = (cache_k, cache_v)
         k, v = cache_k[layer_idx], cache_v[layer_idx]
-    x_BxTxD = x_BxTxD + lin(attention(q, k, v, mask_BxTxS), name="o_proj")
+    if kv_cache is None:
+        attn = causal_attention(q, k, v, attend, config.attention_chunk)
+    else:
+        attn = attention(q, k, v, attend)
+    x_BxTxD = x_BxTxD + lin(attn, name="o_proj")
 
     # --- SwiGLU MLP
     h = rms_norm(x_BxTxD, p["mlp_norm"], eps)
@@ -195,8 +232,7 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
     if cache is None:
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(t_T, (B, T))
-        same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-        mask_BxTxS = same_segment & (t_T[None, :, None] >= t_T[None, None, :])
+        attend = segment_ids_BxT  # causal_attention builds each query block's mask itself
         write_idx_BxT = None
     else:
         # Row b's new tokens sit at cache positions lengths[b] + t; padding tokens (segment 0) are
@@ -205,7 +241,7 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
         if positions_BxT is None:
             positions_BxT = write_idx_BxT
         s_S = jnp.arange(cache.max_len)
-        mask_BxTxS = s_S[None, None, :] <= write_idx_BxT[:, :, None]
+        attend = s_S[None, None, :] <= write_idx_BxT[:, :, None]  # mask_BxTxS over the cache
 
     x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0)
     lora_w, lora_scale = _lora_parts(lora)
@@ -213,13 +249,13 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
 
     def layer(x, xs):
         p, lp = xs
-        x, _ = block(config, x, p, lp, lora_scale, positions_BxT, mask_BxTxS, None)
+        x, _ = block(config, x, p, lp, lora_scale, positions_BxT, attend, None)
         return x, None
 
     def cached_layer(carry, xs):
         x, ck, cv = carry
         (p, lp), i = xs
-        x, (ck, cv) = block(config, x, p, lp, lora_scale, positions_BxT, mask_BxTxS,
+        x, (ck, cv) = block(config, x, p, lp, lora_scale, positions_BxT, attend,
                             (ck, cv, write_idx_BxT, i))
         return (x, ck, cv), None
 
