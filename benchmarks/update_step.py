@@ -75,7 +75,8 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
     import jax
     import jax.numpy as jnp
 
-    from loopjax.loop.update import Batch, UpdateConfig, init_train_state, make_update_step
+    from loopjax.loop.epochs import pack_minibatch
+    from loopjax.loop.update import UpdateConfig, init_train_state, make_update_step
     from loopjax.models.config import ModelConfig
     from loopjax.models.transformer import init_params
     from loopjax.sharding import make_mesh
@@ -88,12 +89,9 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
     state = init_train_state(mc, uc, init_params(mc, jax.random.key(0)), jax.random.key(1), mesh)
     step = make_update_step(mc, uc, mesh, state)
     tokens, is_output, logp_old, adv = fake_rollouts(cfg, T, n)
-    # One rollout per forward row; row i is row i // num of its microbatch (loopjax.loop.update).
-    src = ((np.arange(n) // uc.num_microbatches)[:, None] * T + np.arange(T)).astype(np.int32)
-    batch = Batch(tokens, np.broadcast_to(np.arange(T, dtype=np.int32), (n, T)).copy(),
-                  np.ones((n, T), np.int32), src, is_output, logp_old, adv,
-                  np.zeros((n, T), np.int32), np.ones(n, np.float32))
-    batch = jax.device_put(batch, step.batch_sharding)
+    rollouts = [dict(tokens=tokens[i], is_output=is_output[i], logp=logp_old[i],
+                     turn_id=np.zeros(T, np.int32)) for i in range(n)]
+    batch = jax.device_put(pack_minibatch(rollouts, adv, n, T), step.batch_sharding)  # one per row
 
     start = time.perf_counter()
     state, metrics = step(state, batch)  # compile + one step
