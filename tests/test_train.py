@@ -52,17 +52,19 @@ def reference_run(tmp_path_factory):
     proc = subprocess.run(_cmd(run_dir), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc.stdout
+    return run_dir, proc.stdout, proc.stderr
 
 
 def test_run_folder_and_table(reference_run):
-    run_dir, stdout = reference_run
+    run_dir, stdout, stderr = reference_run
     for name in ("metrics.jsonl", "config.json", "summary.json", "learning_curve.png",
                  "trajectories.html", "before_after.txt"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     assert os.listdir(os.path.join(run_dir, "events"))
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints")))  # newest ones kept
     assert "TGC before" in stdout and "resolved config" in stdout
+    # Orbax's absl INFO lines (about 20 per checkpoint save) are silenced; loopjax's own log stays.
+    assert " absl: " not in stderr and " loopjax: " in stderr
     with open(os.path.join(run_dir, "learning_curve.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     metrics = _metrics(run_dir)
@@ -87,7 +89,7 @@ def test_fresh_run_in_an_old_folder_sets_its_checkpoints_aside(reference_run, tm
 
 
 def test_compiles_stay_bounded(reference_run):
-    run_dir, _ = reference_run
+    run_dir, *_ = reference_run
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -107,7 +109,7 @@ def test_compiles_stay_bounded(reference_run):
 
 
 def test_sigkill_and_resume_match_uninterrupted(reference_run, tmp_path):
-    ref_dir, _ = reference_run
+    ref_dir, *_ = reference_run
     run_dir = str(tmp_path / "killed")
     rng = random.Random(1234)
     kills = attempts = 0
