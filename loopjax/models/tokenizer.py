@@ -11,7 +11,8 @@ tokens the sampler generated are never re-tokenized.
 prints "<|im_end|>") is encoded as plain characters, so environment output cannot end a turn.
 
 Loading never downloads: `load_tokenizer(path)` reads a local folder, either a transformers
-tokenizer (tokenizer.json / tokenizer_config.json) or one written by `train_sentencepiece`.
+tokenizer (tokenizer.json / tokenizer_config.json) or one written by `train_sentencepiece`, or a
+.gguf file (the tokenizer and chat template stored in its metadata).
 """
 from __future__ import annotations
 
@@ -206,7 +207,10 @@ def pieces_from_chat_template(render: Callable[[list[dict], bool], str],
                          f"not supported: {gaps!r}")
     suffix_sys = strip(gaps[0], tail=prefix_user)
     head = full[:starts[0]]
-    begin = bos_token if bos_token and head.startswith(bos_token) else ""
+    # BOS opens the conversation (Llama-3) unless it is the role marker itself (SmolLM2's GGUF
+    # names "<|im_start|>" its BOS: it then belongs to every role's prefix).
+    begin = (bos_token if bos_token and head.startswith(bos_token)
+             and not prefix_user.startswith(bos_token) else "")
     gen = strip(with_gen, head=full)
     return ChatPieces(begin=begin, prefix={"system": head[len(begin):], "user": prefix_user,
                                            "assistant": prefix_asst},
@@ -224,13 +228,15 @@ def _generation_config_eos(path: str) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def _load_hf(path: str) -> HFTokenizer:
+def _load_hf(path: str, gguf_file: str | None = None) -> HFTokenizer:
     from transformers import AutoTokenizer
 
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as e:  # transformers raises many types; say what to change
-        raise ValueError(f"could not load a transformers tokenizer from {path!r}: {e}") from e
+        what = f"the GGUF file {os.path.join(path, gguf_file)!r}" if gguf_file else repr(path)
+        raise ValueError(f"could not load a transformers tokenizer from {what}: {e}") from e
     template = hf.chat_template
     if isinstance(template, dict):  # several named templates: use the default one
         template = template.get("default")
@@ -338,8 +344,16 @@ def train_sentencepiece(corpus: Iterable[str], out_dir: str, vocab_size: int = 1
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from a LOCAL folder: one saved by `train_sentencepiece`, or a
     transformers tokenizer (tokenizer.json or tokenizer_config.json) with its chat template.
-    A folder with only a `tokenizer.model` is read as a SentencePiece model with ChatML markers."""
+    A folder with only a `tokenizer.model` is read as a SentencePiece model with ChatML markers.
+    A .gguf file (or a folder holding one and no safetensors, or a short name such as "smollm2",
+    see loopjax.models.hf_io.MODEL_PACKAGES) gives the tokenizer and chat template stored in it."""
+    from loopjax.models.hf_io import _gguf_readers, find_gguf  # noqa: PLC0415
+
     path = os.fspath(path)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        _gguf_readers()  # a clear error when gguf / torch are missing
+        return _load_hf(os.path.dirname(os.path.abspath(gguf)), os.path.basename(gguf))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (loopjax never "
                                 "downloads; pass a local folder)")

@@ -10,7 +10,9 @@ layers run under one `lax.scan` (one layer compiled, not L):
     layers/{q,k}_norm L x Dh (Qwen3 only)
     layers/{gate,up}_proj/kernel L x D x F;  layers/down_proj/kernel L x F x D
 
-Numerics: matmuls in the params dtype; RMSNorm, RoPE, softmax and logits in fp32.
+Numerics: matmuls in the params dtype; RMSNorm, RoPE, softmax and logits in fp32 (float64 when the
+params are float64, under JAX's x64 mode: a numerics check that rounding, not a mismatch, separates
+two paths).
 
 Rows are right-padded or packed: `segment_ids_BxT` (0 = padding, 1, 2, ... = packed sequences);
 attention stays within a segment and is causal. The KV-cache path (used by loopjax.sampling)
@@ -81,17 +83,23 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
 # ----------------------------------------------------------------------------- building blocks
 
 
+def acc_dtype(dtype):
+    """The dtype of norms, RoPE, softmax and logits: fp32, or float64 for float64 params."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
 def rms_norm(x, scale, eps):
-    x32 = x.astype(jnp.float32)
+    acc = acc_dtype(x.dtype)
+    x32 = x.astype(acc)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    scale = scale.astype(acc).reshape((1,) * (x.ndim - 1) + (-1,))
     return (x32 * scale).astype(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> jax.Array:
     """Inverse frequencies of RoPE, with Llama-3 wavelength-dependent scaling when configured."""
     Dh = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, Dh, 2, dtype=acc_dtype(config.dtype)) / Dh))
     if not config.rope_scaling:
         return inv_freq
     s = dict(config.rope_scaling)
@@ -106,10 +114,11 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x_BxTxNxDh, positions_BxT, inv_freq):
-    """Rotates halves (the HF convention: pairs are (i, i + Dh/2)), in fp32."""
-    angles_BxTxDh2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq[None, None]
+    """Rotates halves (the HF convention: pairs are (i, i + Dh/2)), in fp32 (float64 for float64)."""
+    acc = acc_dtype(x_BxTxNxDh.dtype)
+    angles_BxTxDh2 = positions_BxT[..., None].astype(acc) * inv_freq[None, None].astype(acc)
     cos, sin = jnp.cos(angles_BxTxDh2)[:, :, None, :], jnp.sin(angles_BxTxDh2)[:, :, None, :]
-    x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x_BxTxNxDh.astype(acc), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxTxNxDh.dtype)
 
@@ -130,10 +139,11 @@ def attention(q_BxTxHxDh, k_BxSxHkxDh, v_BxSxHkxDh, mask_BxTxS):
     """Grouped-query attention with fp32 scores and softmax."""
     B, T, H, Dh = q_BxTxHxDh.shape
     Hk = k_BxSxHkxDh.shape[2]
+    acc = acc_dtype(q_BxTxHxDh.dtype)
     q_BxTxHkxGxDh = q_BxTxHxDh.reshape(B, T, Hk, H // Hk, Dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxHkxGxDh, k_BxSxHkxDh,
-                                            preferred_element_type=jnp.float32) * (Dh ** -0.5)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+                                            preferred_element_type=acc) * (Dh ** -0.5)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxHkxDh.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxHkxDh)
     return out.reshape(B, T, H * Dh)
@@ -276,7 +286,7 @@ def unembed(config: ModelConfig, params, h_BxTxD):
     """fp32 logits; the matmul accumulates in fp32 without upcasting bf16 weights in memory."""
     w_DxV = params["embed"].T if config.tie_embeddings else params["unembed"]
     return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype),
-                                        preferred_element_type=jnp.float32)
+                                        preferred_element_type=acc_dtype(h_BxTxD.dtype))
 
 
 def forward(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None,
@@ -320,7 +330,7 @@ def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=Non
 
     lp_NxBxC = jax.lax.map(chunk, (h_NxBxCxD, tgt_NxBxC))
     lp_next_BxT = lp_NxBxC.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
-    logp_BxT = jnp.concatenate([jnp.zeros((B, 1), jnp.float32), lp_next_BxT[:, :-1]], axis=1)
+    logp_BxT = jnp.concatenate([jnp.zeros((B, 1), lp_next_BxT.dtype), lp_next_BxT[:, :-1]], axis=1)
     continues = (segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1]) & (segment_ids_BxT[:, 1:] > 0)
     valid_BxT = jnp.concatenate([jnp.zeros((B, 1), bool), continues], axis=1)
     return jnp.where(valid_BxT, logp_BxT, 0.0)

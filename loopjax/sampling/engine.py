@@ -62,7 +62,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loopjax.models.config import ModelConfig
-from loopjax.models.transformer import KVCache, forward, hidden_states
+from loopjax.models.transformer import KVCache, acc_dtype, forward, hidden_states
 from loopjax.sampling.sample import sample_tokens
 
 STOP, MAX_NEW, CONTEXT_FULL = "stop", "max_new_tokens", "context_full"
@@ -109,6 +109,8 @@ class SamplingEngine:
         self.min_len_bucket, self.top_k, self.top_p = min_len_bucket, top_k, top_p
         self.stop_ids = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
         self.min_rows = 1
+        # fp32 log-probs, float64 for a float64 model (numerics checks under JAX's x64 mode).
+        self._logp_dtype = np.float64 if config.dtype == "float64" else np.float32
         shape = (config.num_layers, num_slots, max_len, config.num_kv_heads, config.head_dim)
         dtype = jnp.dtype(cache_dtype or config.jnp_dtype)
         if mesh is None:
@@ -292,7 +294,8 @@ class SamplingEngine:
                 continue
             self.status[s] = _FULL if reason == CONTEXT_FULL else _WAITING
             finished.append(Generation(s, np.concatenate(self.out_ids[s]).astype(np.int32),
-                                       np.concatenate(self.out_logps[s]).astype(np.float32), reason))
+                                       np.concatenate(self.out_logps[s]).astype(self._logp_dtype),
+                                       reason))
             self.out_ids[s], self.out_logps[s] = [], []
         return finished
 
@@ -337,7 +340,7 @@ def _decode_program(params, lora, *, config, top_k, top_p, k, v, rows, tokens, l
     state = dict(k=_gather(k, rows, len_bucket), v=_gather(v, rows, len_bucket),
                  lengths=lengths, tokens=tokens, active=budget > 0, step=jnp.int32(0),
                  n_out=jnp.zeros(B, jnp.int32), ids=jnp.zeros((B, num_steps), jnp.int32),
-                 logps=jnp.zeros((B, num_steps), jnp.float32))
+                 logps=jnp.zeros((B, num_steps), acc_dtype(config.dtype)))
 
     def cond(st):
         return (st["step"] < num_steps) & jnp.any(st["active"])

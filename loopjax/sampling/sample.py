@@ -40,10 +40,12 @@ def _truncate(scaled_BxV, top_k: int, top_p: float):
 
 
 def sample_tokens(logits_BxV, keys_B, temperature_B, *, top_k: int = 0, top_p: float = 1.0):
-    """(tokens_B int32, logp_B fp32): one draw per row with its own key; T <= 0 is greedy."""
-    logits_BxV = logits_BxV.astype(jnp.float32)
+    """(tokens_B int32, logp_B fp32): one draw per row with its own key; T <= 0 is greedy.
+    float64 logits (a float64 model under JAX's x64 mode) stay float64."""
+    acc = jnp.float64 if logits_BxV.dtype == jnp.float64 else jnp.float32
+    logits_BxV = logits_BxV.astype(acc)
     greedy_B = temperature_B <= 0
-    t_B = jnp.where(greedy_B, 1.0, temperature_B).astype(jnp.float32)
+    t_B = jnp.where(greedy_B, 1.0, temperature_B).astype(acc)
     scaled_BxV = logits_BxV / t_B[:, None]
     scaled_BxV = _truncate(scaled_BxV, top_k, top_p)
     drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV)
