@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from loopjax.loop.advantages import advantages
-from loopjax.loop.epochs import EpochConfig, forward_rows, pack_minibatch, run_iteration
+from loopjax.loop.epochs import (EpochConfig, forward_rows, minibatch_plan, pack_minibatch,
+                                 run_iteration)
 from loopjax.loop.update import Batch, UpdateConfig, init_train_state, make_update_step
 from loopjax.models.config import ModelConfig
 from loopjax.models.transformer import forward, init_params, token_logprobs
@@ -71,6 +72,8 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
 
 
 def test_mesh_2x2x2_matches_one_device(level="token"):
+    """AdamW steps, optimizer state sharded over the mesh, equal one device's. (Adam is blind to a
+    gradient's scale: test_update_gradient.py checks the gradient itself on every path.)"""
     # A small learning rate: Adam turns tiny reduction-order differences of near-zero gradients
     # into full-size steps, which would hide a real mismatch behind tolerance noise.
     config = UpdateConfig(level=level, minibatch_size=8, microbatch_size=4, learning_rate=1e-3)
@@ -81,16 +84,6 @@ def test_mesh_2x2x2_matches_one_device(level="token"):
     for a, b in zip(m1, m8):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         assert a["applied"] and b["applied"]
-
-
-def test_microbatch_accumulation_matches_one_pass():
-    batches = [random_batch(3)]
-    # level="turn" here also runs the turn-level loss through the jitted step.
-    whole, _ = run_steps(UpdateConfig(level="turn", minibatch_size=8, learning_rate=1e-3),
-                         one_device_mesh(), batches)
-    accum, _ = run_steps(UpdateConfig(level="turn", minibatch_size=8, microbatch_size=2, remat=True,
-                                      learning_rate=1e-3), one_device_mesh(), batches)
-    assert_trees_close(whole, accum)
 
 
 def test_full_weights_mode_trains_params():
@@ -206,15 +199,57 @@ def test_rollout_in_another_microbatchs_row_is_refused():
         step(state, batch)
 
 
-def test_kl_stop_ends_iteration():
+@pytest.mark.parametrize("behaviour", ["far_above", "far_below", "near"])
+def test_kl_stop_ends_iteration(behaviour):
+    """|kl_k1| > 20 ends the iteration after the step that measured it, whichever its sign; a
+    near-policy iteration runs all its planned steps (2 epochs x 32 rollouts / 8 = 8)."""
     state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
     rollouts = random_rollouts(8, 32, min_len=20, max_len=30)
-    for r in rollouts:  # behaviour log-probs far above the policy's: log w << -20 per rollout
-        r["logp"] = np.where(r["is_output"], -0.01, 0.0)
+    # The policy is near uniform (log-prob about -4.2): behaviour log-probs of -0.01 give log w
+    # << -20 per rollout (kl_k1 > 20), of -20 give log w >> 20 (kl_k1 < -20).
+    old = {"far_above": -0.01, "far_below": -20.0, "near": None}[behaviour]
+    for r in rollouts:
+        if old is not None:
+            r["logp"] = np.where(r["is_output"], old, 0.0)
     adv = np.ones(32, np.float32)
     state, history = run_iteration(step, state, rollouts, adv, jax.random.key(0),
                                    EpochConfig(buckets=(32,)))
-    assert len(history) == 1 and history[0]["stopped_on_kl"]
+    if behaviour == "near":
+        assert len(history) == 8 and not any(m["stopped_on_kl"] for m in history)
+        assert max(abs(m["kl_k1"]) for m in history) < 5
+    else:
+        assert len(history) == 1 and history[0]["stopped_on_kl"]
+        assert (history[0]["kl_k1"] > 20) == (behaviour == "far_above")
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_too_many_nan_skips_abort(epochs):
+    """More than max_nan_skips skipped steps abort training; exactly max_nan_skips do not."""
+    state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+    rollouts = random_rollouts(9, 16)
+    for r in rollouts:
+        r["logp"] = np.where(r["is_output"], np.nan, 0.0)
+    config = EpochConfig(epochs_per_iteration=epochs, buckets=(16,), max_nan_skips=2)
+    adv = np.ones(16, np.float32)
+    if epochs == 1:  # 2 steps, both skipped: at the limit, not over it
+        state, history = run_iteration(step, state, rollouts, adv, jax.random.key(0), config)
+        assert [m["nan_skips"] for m in history] == [1, 2] and int(state.step) == 0
+    else:  # 4 planned steps: the third skip aborts
+        with pytest.raises(RuntimeError, match="^3 update steps had a non-finite"):
+            run_iteration(step, state, rollouts, adv, jax.random.key(0), config)
+
+
+def test_minibatch_plan_drops_signal_free_rollouts():
+    """Rollouts with |A| < min_abs (and A <= 0 with positive_only) never reach a minibatch; the
+    others appear exactly once per epoch, in minibatches of at most M."""
+    adv = np.array([0.5, -0.005, 0.0, -0.4, 0.009, 0.01, -0.01, 1.0, 0.3, -2.0], np.float32)
+    for positive_only, want in ((False, [0, 3, 5, 6, 7, 8, 9]), (True, [0, 5, 7, 8])):
+        plan = minibatch_plan(adv, np.full(10, 5), jax.random.key(0), minibatch_size=3, epochs=2,
+                              min_abs=0.01, positive_only=positive_only)
+        flat = np.concatenate(plan)
+        assert all(len(p) <= 3 for p in plan)
+        half = len(flat) // 2
+        assert sorted(flat[:half]) == sorted(flat[half:]) == want
 
 
 # --------------------------------------------------------------------------- learning on a toy task
