@@ -1,6 +1,6 @@
 """The environment loop over the real sampling engine with a scripted environment: records are
-consistent, the sampler's log-probs equal the learner's recompute over whole multi-turn
-conversations, straggler cuts and environment failures are handled."""
+consistent, the sampler's log-probs (with a LoRA adapter) equal the update step's own learner path
+over whole multi-turn conversations, straggler cuts and environment failures are handled."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from loopjax.envs.base import EvalResult, Observation, StepResult, Supervisor
+from loopjax.loop.epochs import pack_minibatch
+from loopjax.loop.update import UpdateConfig, _microbatches, rollout_logprobs
 from loopjax.models.config import ModelConfig
+from loopjax.models.lora import LoraConfig, init_lora
 from loopjax.models.tokenizer import train_sentencepiece
-from loopjax.models.transformer import init_params, token_logprobs
+from loopjax.models.transformer import init_params
+from loopjax.sharding import make_mesh
 from loopjax.rollout.collector import EpisodeLimits, collect
 from loopjax.sampling.engine import SamplingEngine
 
@@ -47,25 +51,28 @@ def policy(tmp_path_factory):
     config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     params = init_params(config, jax.random.key(0))
-    return tok, config, params
+    params["unembed"] = params["unembed"] * 10.0  # far from uniform: log-probs of all sizes
+    # A LoRA adapter with a non-zero B (init_lora's is 0), so that it changes the log-probs.
+    lora = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
+                        init_lora(config, LoraConfig(), jax.random.key(2)))
+    return tok, config, params, lora
 
 
 def _collect(policy, tasks, groups, **kw):
-    tok, config, params = policy
+    tok, config, params, lora = policy
     engine = SamplingEngine(config, 4, 1024, stop_ids=sorted(tok.eos_ids))
     envs = [ScriptedEnv() for _ in range(4)]
     limits = EpisodeLimits(max_interactions=3, max_new_tokens=12, max_seq_len=1024,
                            max_obs_tokens=32, compact_prompt=True)
-    return collect(engine, params, None, envs, tok, tasks, groups, limits, key=jax.random.key(1),
+    return collect(engine, params, lora, envs, tok, tasks, groups, limits, key=jax.random.key(1),
                    workers=2, **kw)
 
 
 def test_records_and_logprobs_match_the_learner(policy):
-    tok, config, params = policy
+    tok, config, params, lora = policy
     tasks = ["t0", "t1", "t2", "t3", "t4", "t5"]
     records, stats = _collect(policy, tasks, [0, 0, 0, 1, 1, 1], overlap=True)
     assert [r["task_id"] for r in records] == tasks and stats["cut"] == 0
-    worst = 0.0
     for r in records:
         n = len(r["tokens"])
         assert len(r["is_output"]) == len(r["logp"]) == len(r["turn_id"]) == n <= 1024
@@ -76,10 +83,33 @@ def test_records_and_logprobs_match_the_learner(policy):
         assert set(np.unique(r["turn_id"][r["is_output"]]).tolist()) == set(range(1, r["num_turns"] + 1))
         assert np.all(r["turn_id"][~r["is_output"]] == 0)
         assert r["reward"] == (1.0 if r["task_id"].endswith("0") else 0.5)
-        # The learner's full forward over the whole conversation gives the sampler's log-probs.
-        logp = token_logprobs(config, params, jnp.asarray(r["tokens"])[None])[0]
+    assert max(r["num_turns"] for r in records) > 1
+
+    # The learner as the update step runs it: conversations packed two or more to a forward row,
+    # split into 2 microbatches, attention in blocks of 32 queries, log-softmax 32 tokens at a time.
+    learner_config = config.replace(attention_chunk=32, logits_chunk=32)
+    update = UpdateConfig(minibatch_size=8, microbatch_size=4)
+    longest = max(len(r["tokens"]) for r in records)
+    length = -(-2 * longest // 32) * 32
+    assert length > 2 * 32  # several attention blocks per row
+    batch = pack_minibatch(records, np.ones(len(records), np.float32), 8, length, pack=True,
+                           groups=2)
+    assert len(batch.tokens_RxT) < len(records)
+    mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
+
+    @jax.jit
+    def learner(lora, batch):
+        return jax.lax.map(lambda mb: rollout_logprobs(learner_config, update, lora, params, mb),
+                           _microbatches(batch, 2, mesh))
+
+    logp_2xBxT = np.asarray(learner(lora, batch))
+    worst = 0.0
+    for b, r in enumerate(records):  # slot b is row b // 2 of microbatch b % 2
         out = r["is_output"]
-        worst = max(worst, float(np.max(np.abs(np.asarray(logp)[out] - r["logp"][out]))))
+        logp = logp_2xBxT[b % 2, b // 2, :len(out)]
+        worst = max(worst, float(np.max(np.abs(logp[out] - r["logp"][out]))))
+    # fp32: measured 1.4e-6 on the 2-core CPU (KV-cache decode vs packed blocked forward).
+    print(f"max |sampler - learner| logp: {worst:.2e}")
     assert worst <= 1e-5, worst
 
 

@@ -104,7 +104,8 @@ def test_bf16_logprobs_close(model):
     ref = np.asarray(token_logprobs(config16, params16, jnp.asarray(tokens[None]), lora=lora))[0]
     diff = np.abs(ref[is_out] - logps[is_out]).max()
     print(f"bf16 max |sampler - learner| logp: {diff:.2e}")
-    assert diff < 1e-2
+    # Measured 4.8e-7 on the 2-core CPU (both paths run the same bf16 matmuls): about 10x that.
+    assert diff < 5e-6, diff
 
 
 def test_slot_reuse_and_batch_independence(model):

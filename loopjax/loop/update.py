@@ -163,7 +163,9 @@ def _microbatches(batch: Batch, num: int, mesh) -> Batch:
 _SUM_KEYS = ("num_clipped", "num_units", "k3_sum", "num_tokens", "num_rollouts")
 
 
-def _loss_fn(model_config, config, trainable, base, mb: Batch):
+def rollout_logprobs(model_config, config, trainable, base, mb: Batch):
+    """logp_new_BxT: the learner's log-prob of each token of the microbatch's rollouts (one per
+    row), read out of its packed forward rows; `mb` is one microbatch as `_microbatches` cuts it."""
     if base is None:
         params, lora = trainable, None
     else:
@@ -175,7 +177,11 @@ def _loss_fn(model_config, config, trainable, base, mb: Batch):
     # every num-th forward row (_microbatches): global row r is its row r // num.
     T = logp_RxT.shape[1]
     src_BxT = (mb.src_BxT // T // config.num_microbatches) * T + mb.src_BxT % T
-    logp_new_BxT = jnp.take(logp_RxT.reshape(-1), src_BxT, mode="clip")
+    return jnp.take(logp_RxT.reshape(-1), src_BxT, mode="clip")
+
+
+def _loss_fn(model_config, config, trainable, base, mb: Batch):
+    logp_new_BxT = rollout_logprobs(model_config, config, trainable, base, mb)
     weight_B = mb.weight_B * keep_mask(mb.adv_B, config.adv_min_abs, config.adv_positive_only)
     mask_BxT = mb.mask_BxT & (weight_B[:, None] > 0)
     loss, aux = policy_loss(logp_new_BxT, mb.logp_old_BxT, mb.adv_B, mask_BxT, level=config.level,
