@@ -182,3 +182,26 @@ def test_sampler_matches_learner_over_three_turns_fp32_and_float64(smol):
     assert diff32 <= 1e-4  # measured 1.5e-5
     assert diff64 <= 1e-9  # measured 1e-13
     assert np.all(logps[is_out] < 0)
+
+
+@needs_wheel
+def test_one_short_episode_through_the_collector(smol):
+    """The real model, tokenizer and chat template drive one miniworld-tiny episode end to end
+    (compact prompt, 2 turns of at most 24 tokens: what runs, not what it scores)."""
+    from loopjax.envs import list_tasks, make_env
+    from loopjax.rollout.collector import EpisodeLimits, collect
+
+    _, config, params, tok = smol
+    engine = SamplingEngine(config, 1, 512, stop_ids=sorted(tok.eos_ids), prefill_chunk=256,
+                            decode_steps=16)
+    env = make_env("miniworld-tiny")
+    try:
+        (rec,), _ = collect(engine, params, None, [env], tok, list_tasks("miniworld-tiny", "dev")[:1],
+                            [0], EpisodeLimits(2, 24, 512, 64, compact_prompt=True),
+                            key=jax.random.key(0), temperature=0.0, workers=1, overlap=False)
+    finally:
+        env.close()
+    assert 1 <= rec["num_turns"] <= 2 and 0.0 <= rec["reward"] <= 1.0
+    assert 0 < rec["num_generated"] <= 48
+    text = tok.decode(rec["tokens"])
+    assert text.startswith("<|im_start|>system\n") and "<|im_start|>assistant\n" in text
