@@ -1,16 +1,30 @@
-"""Run agent code in a separate, locked-down worker process (the trainer side of the sandbox).
+"""Run agent code in a separate, OS-sandboxed worker process (the trainer side of the sandbox).
 
-`Sandbox(handler)` owns one worker process (see `sandbox_worker.py` for what the worker locks
-down before running agent code). `run(code)` sends one cell, answers the worker's API calls with
-`handler(app, api, kwargs)` -- which runs here, in the trainer, where the world lives -- and
-returns a `CellResult` within `time_limit_s` of wall-clock time.
+`Sandbox(limits)` owns one worker process (see `sandbox_worker.py` for the OS sandbox the worker
+enters before running agent code: namespaces, a read-only root with only the standard library,
+its own uid, seccomp, rlimits). `run(code, handler)` sends one cell, answers the worker's API
+calls with `handler(app, api, kwargs)` -- which runs here, in the trainer, where the world lives --
+and returns a `CellResult`. It never raises and never hangs for anything the worker does:
 
-When a worker dies or times out it is killed (SIGKILL to its process group) and a fresh one is
-started. Variables are restored by REPLAYING the episode's earlier cells that finished (with or
-without an exception) in the fresh worker: during the replay the API calls are NOT sent to the
-world again; they are answered from the log recorded when the cell first ran, so the world's state
-is untouched. If a replayed cell asks for a different call than the log holds, or the replay
-itself fails, replay stops there and the cell's result says which variables may be missing.
+- everything the worker sends is untrusted: every frame is size-capped, parsed with bounded
+  nesting and type-checked; anything else kills the worker and becomes an error observation;
+- every read and write has a deadline (a full pipe cannot block the trainer);
+- printed output and error text are capped together (`output_chars`) and made valid UTF-8;
+- one API call's arguments are capped (`call_argument_chars`), and so are all of an episode's
+  (`episode_argument_chars`): the agent gets a clear ApiError past either.
+
+When a worker dies, times out or breaks the protocol it is killed (SIGKILL to its process group)
+and a fresh one takes its place. Variables are restored by REPLAYING the episode's earlier cells
+that finished, at the start of the NEXT cell and within that cell's time limit (a step never runs
+past `time_limit_s`, replay included). During the replay the API calls are NOT sent to the world
+again; they are answered from the log recorded when the cell first ran, so the world's state is
+untouched. If a replayed cell asks for a different call than the log holds, or the replay fails or
+runs out of time, replay stops there and the cell's output says which variables may be missing.
+
+Where the OS sandbox cannot be set up (no user namespaces, no libseccomp, not Linux) `Sandbox()`
+raises `SandboxUnavailable` with the reason, unless the caller accepts the risk with
+`SandboxLimits(unsafe_no_os_sandbox=True)` or the environment variable
+`LOOPJAX_UNSAFE_NO_OS_SANDBOX=1` (then only rlimits and the Python-level checks stand).
 """
 from __future__ import annotations
 
@@ -22,27 +36,40 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_worker.py")
 Handler = Callable[[str, str, dict], Any]
+UNSAFE_ENV = "LOOPJAX_UNSAFE_NO_OS_SANDBOX"
+MAX_DEPTH = 32         # nesting of any JSON value a worker sends
+MAX_NAME_CHARS = 200   # app and api names
 
 
 class HandlerError(Exception):
     """What a handler raises to make the agent see an ApiError with this message."""
 
 
+class SandboxUnavailable(RuntimeError):
+    """The OS cannot sandbox agent code here (and the risk was not accepted)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
     """Per-worker limits. Wall-clock time is enforced here; the rest inside the worker."""
 
-    time_limit_s: float = 10.0     # wall clock per cell; past it the worker is SIGKILLed
+    time_limit_s: float = 10.0     # wall clock per cell (replay included); past it: SIGKILL
     cpu_per_cell_s: float = 10.0   # RLIMIT_CPU budget per cell (SIGXCPU kills the worker)
     cpu_total_s: int = 600         # RLIMIT_CPU hard limit for the worker's whole life
     memory_mb: int = 512           # RLIMIT_AS
-    output_chars: int = 20_000     # printed output kept per cell; the rest is cut
+    output_chars: int = 20_000     # printed output + error text kept per cell; the rest is cut
     recursion_limit: int = 500
+    call_argument_chars: int = 20_000        # one API call's keyword arguments, as JSON
+    episode_argument_chars: int = 1_000_000  # all API calls' arguments in one episode
+    startup_s: float = 30.0        # a worker's start-up (not agent time); past it: an error
+    unsafe_no_os_sandbox: bool = False  # run without the OS sandbox: accepts the risk
+    python_checks: bool = True     # False: no AST check, full builtins (tests of the OS boundary)
 
 
 @dataclasses.dataclass
@@ -64,8 +91,47 @@ class WorkerGone(Exception):
     """The worker died, timed out or broke the protocol."""
 
 
+def clean_text(text: str) -> str:
+    """Valid UTF-8 (lone surrogates become '?'), no NUL characters."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def cap_texts(output: str, error: str | None, limit: int) -> tuple[str, str | None]:
+    """Output and error together within about `limit` characters, both made valid UTF-8."""
+    if error is not None:
+        room = max(limit // 4, limit - len(output))
+        if len(error) > room:  # keep the head and the tail (the exception line)
+            half = room // 2
+            error = error[:half] + "\n[... error text cut ...]\n" + error[-half:]
+        error = clean_text(error)
+    room = limit - (len(error) if error else 0)
+    if len(output) > room:
+        output = output[:max(room, 0)] + f"\n[output truncated at {limit} characters]"
+    return clean_text(output), error
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed")
+
+
+def json_depth_ok(value, max_depth: int = MAX_DEPTH) -> bool:
+    """Whether a parsed JSON value nests at most max_depth containers (iterative)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            if d > max_depth:
+                return False
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            if d > max_depth:
+                return False
+            stack.extend((x, d + 1) for x in v)
+    return True
+
+
 class _Worker:
-    """One worker process and its framed JSON pipe."""
+    """One worker process and its framed JSON pipe (non-blocking, every wait with a deadline)."""
 
     def __init__(self, limits: SandboxLimits):
         self.limits = limits
@@ -73,46 +139,72 @@ class _Worker:
             [sys.executable, "-I", "-S", "-B", WORKER, json.dumps(dataclasses.asdict(limits))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env={}, cwd="/", close_fds=True, start_new_session=True)
+        self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        os.set_blocking(self.wfd, False)
         self.ready = False
-        self.max_msg = 4 * limits.output_chars + 2 ** 20
+        self.cells = 0  # cells sent; a done message names its cell
+        # A done frame of output_chars characters, each escaped as a surrogate pair, plus room.
+        self.max_msg = 24 * limits.output_chars + 2 * limits.call_argument_chars + 2 ** 16
+        self.refused: str | None = None
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: dict, deadline: float) -> None:
         body = json.dumps(msg).encode()
-        try:
-            self.proc.stdin.write(struct.pack(">I", len(body)) + body)
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError) as e:
-            raise WorkerGone("the worker process died") from e
+        data = memoryview(struct.pack(">I", len(body)) + body)
+        while data:
+            try:
+                data = data[os.write(self.wfd, data):]
+                continue
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, OSError, ValueError) as e:
+                raise WorkerGone("the worker process died") from e
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [self.wfd], [], left)[1]:
+                raise WorkerGone("timeout")
 
     def _read(self, n: int, deadline: float) -> bytes:
-        fd, buf = self.proc.stdout.fileno(), b""
+        fd, buf = self.rfd, b""
         while len(buf) < n:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 raise WorkerGone("timeout")
-            chunk = os.read(fd, n - len(buf))
+            try:
+                chunk = os.read(fd, n - len(buf))
+            except OSError as e:
+                raise WorkerGone("the worker process died") from e
             if not chunk:
                 raise WorkerGone("the worker process died")
             buf += chunk
         return buf
 
-    def recv(self, deadline: float) -> dict:
+    def recv(self, deadline: float) -> tuple[dict, int]:
+        """The next frame as a dict with a string "op", and its size in bytes."""
         (n,) = struct.unpack(">I", self._read(4, deadline))
         if n > self.max_msg:
-            raise WorkerGone(f"protocol violation: {n}-byte message")
+            raise WorkerGone(f"protocol violation: a {n}-byte message")
         try:
-            msg = json.loads(self._read(n, deadline))
-        except ValueError as e:
-            raise WorkerGone("protocol violation: bad JSON") from e
-        if not isinstance(msg, dict):
-            raise WorkerGone("protocol violation: not an object")
-        return msg
+            msg = json.loads(self._read(n, deadline).decode("utf-8"),
+                             parse_constant=_reject_constant)
+        except (ValueError, RecursionError, UnicodeDecodeError) as e:
+            raise WorkerGone("protocol violation: a malformed message") from e
+        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+            raise WorkerGone("protocol violation: not a message")
+        return msg, n
 
-    def wait_ready(self, deadline: float) -> None:
-        if not self.ready:
-            if self.recv(deadline).get("op") != "ready":
-                raise WorkerGone("the worker failed to start")
-            self.ready = True
+    def wait_ready(self) -> None:
+        """Wait (at most startup_s) for the worker's first frame: ready or refused."""
+        if self.ready:
+            return
+        try:
+            msg, _ = self.recv(time.monotonic() + self.limits.startup_s)
+        except WorkerGone as gone:
+            raise WorkerGone(f"the worker failed to start ({gone})") from None
+        if msg["op"] == "refused":
+            self.refused = clean_text(str(msg.get("reason", "")))[:2000]
+            raise WorkerGone(f"the OS sandbox could not be set up: {self.refused}")
+        if msg["op"] != "ready":
+            raise WorkerGone("the worker failed to start")
+        self.ready = True
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -120,12 +212,42 @@ class _Worker:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 self.proc.kill()
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
             except OSError:
                 pass
+
+
+_probe_lock = threading.Lock()
+_probe_result: dict[str, str | None] = {}
+
+
+def os_sandbox_problem() -> str | None:
+    """None if workers can enter the OS sandbox here, else why not (checked once per process)."""
+    with _probe_lock:
+        if sys.executable not in _probe_result:
+            if not sys.platform.startswith("linux"):
+                problem = f"the OS sandbox needs Linux (this is {sys.platform})"
+            else:
+                worker = _Worker(SandboxLimits(startup_s=60.0))
+                try:
+                    worker.wait_ready()
+                    problem = None
+                except WorkerGone as gone:
+                    problem = worker.refused or str(gone)
+                finally:
+                    worker.kill()
+            _probe_result[sys.executable] = problem
+        return _probe_result[sys.executable]
+
+
+def unsafe_accepted(limits: SandboxLimits) -> bool:
+    return limits.unsafe_no_os_sandbox or os.environ.get(UNSAFE_ENV, "") not in ("", "0")
 
 
 class Sandbox:
@@ -135,10 +257,25 @@ class Sandbox:
     """
 
     def __init__(self, limits: SandboxLimits | None = None):
-        self.limits = limits or SandboxLimits()
+        limits = limits or SandboxLimits()
+        if unsafe_accepted(limits):
+            limits = dataclasses.replace(limits, unsafe_no_os_sandbox=True)
+        else:
+            problem = os_sandbox_problem()
+            if problem:
+                raise SandboxUnavailable(
+                    f"agent code cannot be sandboxed on this machine: {problem}.\nloopjax runs "
+                    "agent code only inside an OS sandbox (Linux user/mount/PID/network "
+                    "namespaces, seccomp through libseccomp). Fix the cause (e.g. enable user "
+                    "namespaces: sysctl kernel.unprivileged_userns_clone=1; install libseccomp2), "
+                    f"or accept the risk of running model-written code unsandboxed with "
+                    f"{UNSAFE_ENV}=1 or SandboxLimits(unsafe_no_os_sandbox=True).")
+        self.limits = limits
         self._worker: _Worker | None = None
         self._spare: _Worker | None = None
         self.history: list[tuple[str, list]] = []  # (code, call log) of finished cells
+        self._replay: list[tuple[str, list]] = []  # cells to replay before the next cell runs
+        self.argument_chars = 0  # API-call arguments sent this episode
 
     def reset(self) -> None:
         """Forget all variables: switch to a fresh worker."""
@@ -146,7 +283,7 @@ class Sandbox:
             self._worker.kill()
         self._worker = self._spare or _Worker(self.limits)
         self._spare = _Worker(self.limits)
-        self.history = []
+        self.history, self._replay, self.argument_chars = [], [], 0
 
     def close(self) -> None:
         for w in (self._worker, self._spare):
@@ -154,46 +291,88 @@ class Sandbox:
                 w.kill()
         self._worker = self._spare = None
 
+    def _fresh_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.kill()
+        self._worker = self._spare or _Worker(self.limits)
+        self._spare = _Worker(self.limits)
+
     def run(self, code: str, handler: Handler) -> CellResult:
-        """Run one cell. Never raises for anything the agent's code does."""
+        """Run one cell. Never raises and never hangs for anything the agent's code does."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, got {type(code).__name__}")
         if self._worker is None:
             self.reset()
         calls: list = []
+        try:
+            self._worker.wait_ready()  # start-up is not the cell's time
+        except WorkerGone as gone:
+            self._fresh_worker()
+            return CellResult("", f"SandboxError: {gone}; try again.", crashed=True)
+        deadline = time.monotonic() + self.limits.time_limit_s
+        note = self._restore(deadline) if self._replay else ""
 
-        def logged(app, api, kwargs):
-            try:
-                entry = {"app": app, "api": api, "kwargs": kwargs, "ok": True,
-                         "value": handler(app, api, kwargs)}
-            except HandlerError as e:
-                entry = {"app": app, "api": api, "kwargs": kwargs, "ok": False, "error": str(e)}
+        def logged(app, api, kwargs, size):
+            entry = {"app": app, "api": api, "kwargs": kwargs, "ok": False}
+            if size > self.limits.call_argument_chars:
+                entry["error"] = (f"the arguments of apis.{app}.{api} are too large ({size} > "
+                                  f"{self.limits.call_argument_chars} characters as JSON)")
+            elif self.argument_chars + size > self.limits.episode_argument_chars:
+                entry["error"] = (f"this episode's API calls have sent more than "
+                                  f"{self.limits.episode_argument_chars} characters of arguments;"
+                                  " no further calls are accepted")
+            else:
+                self.argument_chars += size
+                try:
+                    entry.update(ok=True, value=handler(app, api, kwargs))
+                except HandlerError as e:
+                    entry["error"] = clean_text(str(e))[:self.limits.output_chars]
+                except Exception as e:  # noqa: BLE001  a handler bug must not crash the trainer
+                    entry["error"] = f"internal error ({type(e).__name__}) in {app}.{api}"
             calls.append(entry)
             return entry
 
         try:
-            output, error = self._exec(code, logged)
+            output, error = self._exec(code, logged, deadline)
         except WorkerGone as gone:
-            return CellResult("", self._recover(str(gone)), crashed=True, calls=calls)
+            self._replay, self.history = self.history, []
+            self._fresh_worker()
+            msg = (f"{gone}.\nThe worker was restarted; variables from earlier cells are "
+                   "restored by replaying them before your next cell runs.")
+            return CellResult(note, msg if self._replay else f"{gone}.\nThe worker was "
+                              "restarted.", crashed=True, calls=calls)
+        except Exception as e:  # noqa: BLE001  a bug here must not take the trainer down
+            self._worker.kill()
+            self._replay, self.history = self.history, []
+            self._fresh_worker()
+            return CellResult(note, f"SandboxError: {type(e).__name__}", crashed=True, calls=calls)
         self.history.append((code, calls))
+        output, error = cap_texts(note + output, error, self.limits.output_chars)
         return CellResult(output, error, calls=calls)
 
-    def _exec(self, code: str, logged: Callable) -> tuple[str, str | None]:
+    def _exec(self, code: str, logged: Callable, deadline: float) -> tuple[str, str | None]:
         worker = self._worker
-        deadline = time.monotonic() + self.limits.time_limit_s
         try:
-            worker.wait_ready(time.monotonic() + 30.0)  # start-up is not the cell's time
-            deadline = time.monotonic() + self.limits.time_limit_s
-            worker.send({"op": "exec", "code": code})
+            worker.cells += 1
+            worker.send({"op": "exec", "code": code, "cell": worker.cells}, deadline)
             while True:
-                msg = worker.recv(deadline)
-                if msg.get("op") == "done":
-                    return str(msg.get("output", "")), msg.get("error")
-                if msg.get("op") != "call" or not isinstance(msg.get("kwargs"), dict):
-                    raise WorkerGone("protocol violation: unexpected message")
-                entry = logged(str(msg.get("app")), str(msg.get("api")), msg["kwargs"])
-                worker.send({"op": "result", "ok": entry["ok"],
-                             "value": entry.get("value"), "error": entry.get("error")})
+                msg, size = worker.recv(deadline)
+                op = msg["op"]
+                if op == "done":
+                    output, error = msg.get("output"), msg.get("error")
+                    if (not isinstance(output, str) or not (error is None or isinstance(error, str))
+                            or msg.get("cell") != worker.cells):
+                        raise WorkerGone("protocol violation: a malformed done message")
+                    return cap_texts(output, error, self.limits.output_chars)
+                app, api, kwargs = msg.get("app"), msg.get("api"), msg.get("kwargs")
+                if (op != "call" or not isinstance(app, str) or not isinstance(api, str)
+                        or len(app) > MAX_NAME_CHARS or len(api) > MAX_NAME_CHARS
+                        or not isinstance(kwargs, dict) or not json_depth_ok(kwargs)):
+                    raise WorkerGone("protocol violation: an unexpected message")
+                entry = logged(app, api, kwargs, size)
+                reply = {"op": "result", "ok": entry["ok"], "value": entry.get("value"),
+                         "error": entry.get("error")}
+                worker.send(reply, deadline)
         except WorkerGone as gone:
             worker.kill()
             if str(gone) == "timeout":
@@ -201,28 +380,26 @@ class Sandbox:
                                  " s limit and was stopped") from None
             raise
 
-    def _recover(self, reason: str) -> str:
-        """Start a fresh worker and replay the finished cells; say what happened."""
-        history = self.history
-        self._worker.kill()
-        self._worker = self._spare or _Worker(self.limits)
-        self._spare = _Worker(self.limits)
-        self.history = []
-        for i, (code, log) in enumerate(history):
+    def _restore(self, deadline: float) -> str:
+        """Replay the cells of a crashed worker (within `deadline`); a note if that failed."""
+        replay, self._replay = self._replay, []
+        for i, (code, log) in enumerate(replay):
             replayer = _Replayer(log)
             try:
-                self._exec(code, replayer)
-            except WorkerGone:
-                self._worker.kill()
-                self._worker, self._spare = self._spare, _Worker(self.limits)
-                return (f"{reason}.\nThe worker was restarted; variables from cells "
-                        f"{i + 1}.. could not be restored (replay failed).")
+                self._exec(code, replayer, deadline)
+            except WorkerGone as gone:
+                self._fresh_worker()
+                try:
+                    self._worker.wait_ready()
+                except WorkerGone:
+                    pass
+                return (f"[the worker restarted; variables from cells {i + 1}.. could not be "
+                        f"restored: their replay failed ({str(gone).splitlines()[0]})]\n")
             self.history.append((code, log))
             if replayer.diverged:
-                return (f"{reason}.\nThe worker was restarted; variables were restored up to "
-                        f"cell {i + 1} (its replay diverged from the recorded API calls).")
-        return (f"{reason}.\nThe worker was restarted and variables from earlier cells were "
-                "restored.")
+                return (f"[the worker restarted; variables were restored up to cell {i + 1} "
+                        "(its replay diverged from the recorded API calls)]\n")
+        return ""
 
 
 class _Replayer:
@@ -231,7 +408,7 @@ class _Replayer:
     def __init__(self, log: list):
         self.log, self.i, self.diverged = log, 0, False
 
-    def __call__(self, app, api, kwargs):
+    def __call__(self, app, api, kwargs, size=0):
         if self.i < len(self.log):
             entry = self.log[self.i]
             if (entry["app"], entry["api"], entry["kwargs"]) == (app, api, kwargs):

@@ -9,14 +9,25 @@ from loopjax.envs.miniworld.world import World, copy_state
 from loopjax.envs.sandbox import HandlerError, Sandbox, SandboxLimits
 
 
+MAX_NEW_RECORDS = 200  # records an episode may add to the world (a cap on the state's growth)
+
+
+def _num_records(state: dict) -> int:
+    return sum(len(table) for app in state.values() for table in app.values())
+
+
 class MiniWorldEnv:
     """The Env protocol over a miniworld preset.
 
     Options: `limits` (SandboxLimits) or its fields as keywords (time_limit_s=10.0, memory_mb=...).
+    The world's growth in one episode is capped: once it holds MAX_NEW_RECORDS more records than
+    at the start, every further app API call fails with an ApiError that says so (the size of
+    what one call and one episode may send is capped by the sandbox's limits).
     """
 
     def __init__(self, preset: tasks.Preset, limits: SandboxLimits | None = None, **limit_kw):
         self.preset = preset
+        self._base_records = 0
         self.sandbox = Sandbox(limits or SandboxLimits(**limit_kw))
         self.world: World | None = None
         self.task_id: str | None = None
@@ -30,6 +41,7 @@ class MiniWorldEnv:
         people, _ = tasks.base_state(self.preset)
         self._initial, self._spec, self.task_id, self.done = copy_state(state), spec, task_id, False
         self.world = World(tasks.apps_of(self.preset), state, people, self.preset.auth)
+        self._base_records = _num_records(state)
         self.sandbox.reset()
         sup = people[0]
         return Observation(task_id, spec.instruction,
@@ -68,6 +80,11 @@ class MiniWorldEnv:
         return self._spec.instruction
 
     def _handle(self, app: str, api: str, kwargs: dict):
+        if app != "api_docs" and _num_records(self.world.state) - self._base_records \
+                >= MAX_NEW_RECORDS:
+            raise HandlerError(f"Response status code is 429: this episode has added "
+                               f"{MAX_NEW_RECORDS} records to the world, the most one episode "
+                               "may add; no further calls are accepted")
         try:
             return self.world.call(app, api, kwargs)
         except ApiError as e:

@@ -26,15 +26,19 @@ class Change:
 
 @dataclasses.dataclass(frozen=True)
 class Allow:
-    """Changes of `kinds` to app.table are allowed where `where(record)` holds.
+    """Changes of `kinds` to app.table are allowed where `where(record)` holds, to at most
+    `limit` records (None: any number).
 
-    `where` sees the record after the change (add / update) or before it (delete).
+    `where` sees the record after the change (add / update) or before it (delete). The limit is
+    what stops spraying: a task that asks for one message to a contact allows one, so texting
+    every candidate phrase leaves all but one as collateral changes.
     """
 
     app: str
     table: str
     kinds: tuple[str, ...] = ("add",)
     where: Callable[[dict], bool] | None = None
+    limit: int | None = 1
 
     def permits(self, c: Change) -> bool:
         record = c.before if c.kind == "delete" else c.after
@@ -103,6 +107,20 @@ def same(a: Any, b: Any) -> bool:
     return norm(a) == norm(b)
 
 
+def _collateral(changes: list[Change], allow: list[Allow]) -> list[Change]:
+    """Changes no rule permits, each rule permitting at most its `limit` of them (in order)."""
+    used = [0] * len(allow)
+    out = []
+    for c in changes:
+        for i, a in enumerate(allow):
+            if (a.limit is None or used[i] < a.limit) and a.permits(c):
+                used[i] += 1
+                break
+        else:
+            out.append(c)
+    return out
+
+
 def run_tests(checks: list, allow: list[Allow], answer: Any, outcome: Outcome):
     """Run every test; return (num_tests, passes, failures) with failures as readable strings."""
     tests = list(checks)
@@ -111,7 +129,7 @@ def run_tests(checks: list, allow: list[Allow], answer: Any, outcome: Outcome):
     else:
         tests.append((f"the answer is {answer!r}",
                       lambda o: o.completed and same(o.answer, answer)))
-    collateral = [c for c in outcome.changes if not any(a.permits(c) for a in allow)]
+    collateral = _collateral(outcome.changes, allow)
     tests.append(("no collateral changes" + (f" (unexpected: {collateral[0].kind} "
                   f"{collateral[0].app}.{collateral[0].table} #{collateral[0].record_id})"
                   if collateral else ""), lambda o: not collateral))
