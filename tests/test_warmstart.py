@@ -4,6 +4,7 @@ AdamW step it takes, against the closed form."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from loopjax import warmstart
@@ -93,3 +94,34 @@ def test_trainer_warm_start_hands_loop_a_placed_optimizer_state(tmp_path, carry)
     want = jax.tree.leaves(trainer.update_step.state_shardings.opt_state)
     got = [x.sharding for x in jax.tree.leaves(trainer.state.opt_state)]
     assert len(got) == len(want) and all(g == w for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("mesh_shape", ["1,1,1", "2,2,2"])
+def test_sft_step_is_the_reference_gradient(monkeypatch, mesh_shape):
+    """One warm-start step with plain SGD at lr 1 (so params move by exactly the gradient) equals
+    jax.grad of the mean NLL of every demonstration's output tokens, on one device and on the
+    2x2x2 mesh (full weights, demonstrations packed several to a row)."""
+    from loopjax.models.transformer import init_params, token_logprobs  # noqa: PLC0415
+    from loopjax.sharding import batch_sharding, make_mesh, param_shardings  # noqa: PLC0415
+    from test_loop_update import CFG, random_rollouts  # noqa: PLC0415
+
+    monkeypatch.setattr(warmstart, "sft_optimizer", lambda learning_rate, steps: optax.sgd(1.0))
+    records = [dict(tokens=r["tokens"], is_output=r["is_output"]) for r in random_rollouts(4, 6)]
+    params = jax.device_get(init_params(CFG, jax.random.key(0)))
+    params["unembed"] = params["unembed"] * 10.0
+
+    def nll(p):
+        total = sum(jnp.sum(token_logprobs(CFG, p, jnp.asarray(r["tokens"])[None])[0][r["is_output"]])
+                    for r in records)
+        return -total / sum(int(r["is_output"].sum()) for r in records)
+    want = jax.jit(jax.grad(nll))(params)
+
+    mesh = make_mesh(mesh_shape, devices=jax.devices()[:8 if mesh_shape == "2,2,2" else 1])
+    placed = jax.device_put(params, param_shardings(mesh, params))
+    trained, _ = warmstart.sft(CFG, placed, None, records, steps=1, rows=8, length=16,
+                               learning_rate=1.0, key=jax.random.key(1),
+                               batch_sharding=batch_sharding(mesh))
+    got = jax.tree.map(lambda b, a: b - np.asarray(a), params, jax.device_get(trained))
+    norm = float(optax.tree.norm(want))
+    # fp32 reduction order only: atol 1e-5 of the gradient norm.
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5 * norm, rtol=1e-4), got, want)
