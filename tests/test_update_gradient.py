@@ -53,7 +53,7 @@ def _surrogate(log_ratio, a):
 
 
 @functools.cache
-def reference_grad(full_weights, level):
+def reference_grad(full_weights, level, positive_only):
     """d/d trainable of -(1/M) * sum over the kept rollouts of their mean clipped surrogate, at
     the trainable params every sgd_step starts from; ratios per token, per turn (the product over
     the turn's generated tokens) or per trajectory."""
@@ -64,7 +64,7 @@ def reference_grad(full_weights, level):
         params, lora = (trainable, None) if base is None else (base, trainable)
         total = 0.0
         for r, a in zip(rollouts, ADV):
-            if abs(a) < MIN_ABS:
+            if abs(a) < MIN_ABS or (positive_only and a <= 0):
                 continue
             logp = token_logprobs(CFG, params, jnp.asarray(r["tokens"])[None], lora=lora)[0]
             out = np.flatnonzero(r["is_output"])
@@ -109,23 +109,23 @@ def sgd_step(monkeypatch, config, mesh, pack):
     return trainable, jax.device_get(state.trainable), jax.device_get(metrics)
 
 
-PATHS = {  # name: (level, mesh, microbatch_size, packed rows, full weights)
-    "one_device": ("token", "1,1,1", 0, False, False),
-    "one_device_microbatches_packed": ("turn", "1,1,1", 2, True, False),
-    "mesh_2x2x2_microbatches": ("token", "2,2,2", 4, False, False),
-    "mesh_2x2x2_turn_packed": ("turn", "2,2,2", 2, True, False),
-    "mesh_2x2x2_full_weights_trajectory": ("trajectory", "2,2,2", 0, True, True),
+PATHS = {  # name: (level, mesh, microbatch_size, packed rows, full weights, adv_positive_only)
+    "one_device": ("token", "1,1,1", 0, False, False, False),
+    "one_device_microbatches_packed": ("turn", "1,1,1", 2, True, False, False),
+    "mesh_2x2x2_microbatches": ("token", "2,2,2", 4, False, False, False),
+    "mesh_2x2x2_turn_packed": ("turn", "2,2,2", 2, True, False, False),
+    "mesh_2x2x2_full_weights_trajectory_positive": ("trajectory", "2,2,2", 0, True, True, True),
 }
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_sgd_step_is_the_reference_gradient(monkeypatch, path):
-    level, mesh_shape, micro, pack, full = PATHS[path]
+    level, mesh_shape, micro, pack, full, positive = PATHS[path]
     config = UpdateConfig(level=level, minibatch_size=M, microbatch_size=micro, remat=micro > 0,
-                          adv_min_abs=MIN_ABS, train_full_weights=full)
+                          adv_min_abs=MIN_ABS, adv_positive_only=positive, train_full_weights=full)
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:8 if mesh_shape == "2,2,2" else 1])
     before, after, metrics = sgd_step(monkeypatch, config, mesh, pack)
-    want = reference_grad(full, level)
+    want = reference_grad(full, level, positive)
     got = jax.tree.map(lambda b, a: b - a, before, after)
     norm = float(optax.tree.norm(want))
     assert norm > 1e-3  # a gradient worth comparing
@@ -135,4 +135,5 @@ def test_sgd_step_is_the_reference_gradient(monkeypatch, path):
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5 * norm, rtol=1e-4),
                  got, want)
     np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
-    assert bool(metrics["applied"]) and metrics["num_rollouts"] == (np.abs(ADV) >= MIN_ABS).sum()
+    kept = (np.abs(ADV) >= MIN_ABS) & ((ADV > 0) | (not positive))
+    assert bool(metrics["applied"]) and metrics["num_rollouts"] == kept.sum()
