@@ -1,13 +1,16 @@
-"""The paper's Table 1 on miniworld-tiny: LOOP (token / turn / bandit), RLOO, GRPO.
+"""The paper's Table 1 on miniworld-tiny: LOOP variants, RLOO, GRPO, RFT, the warm start, and a
+ceiling, over seeds.
 
-    python benchmarks/ablation.py                       # one seed, the default run per variant
-    python benchmarks/ablation.py --seed 1 -- --iterations=8
+    python benchmarks/ablation.py                       # seeds 0 1 2, the default run per variant
+    python benchmarks/ablation.py --seeds 1 --variants "LOOP (token)" RFT -- --iterations=8
 
-Every variant starts from the very same warm start, as in the paper: one run with
+Per seed, every variant starts from the very same warm start, as in the paper: one run with
 --iterations=0 trains the tokenizer, the SFT policy and evaluates it; each variant's run folder
 then gets a copy of that run's tokenizer and step-0 checkpoint and continues it with --resume, so
-the variants differ only in their update settings. Prints the table and one JSON line with
-TGC/SGC on test_normal and test_challenge per variant.
+the variants differ only in their update settings. Two rows are not LOOP runs: "warm start" is
+that shared policy itself, and "careful SFT (ceiling)" is a warm start on demonstrations of
+careful agents only (--demo_careful=1.0), which no real user has. Prints the table (mean and
+min-max over seeds of TGC on dev + test_normal, test_normal and test_challenge) and one JSON line.
 """
 
 import argparse
@@ -15,6 +18,8 @@ import json
 import os
 import shutil
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,11 +30,14 @@ VARIANTS = {
     "LOOP (token)": [],
     "LOOP (turn)": ["--update.level=turn"],
     "LOOP (bandit)": ["--update.level=trajectory"],
+    "LOOP RwNorm": ["--normalize_std=true"],
     "RLOO": ["--update.clip_form=none", "--epochs.epochs_per_iteration=1",
              "--update.minibatch_size=96"],
     "GRPO": ["--baseline=leave_none_out", "--normalize_std=true", "--epochs.epochs_per_iteration=1",
              "--update.minibatch_size=96"],
+    "RFT": ["--baseline=rft"],
 }
+HELD_OUT = ("dev", "test_normal")
 
 
 def _copy_warm_start(warm: str, run_dir: str) -> None:
@@ -43,33 +51,55 @@ def _copy_warm_start(warm: str, run_dir: str) -> None:
     shutil.copytree(os.path.join(warm, "checkpoints", "0"), os.path.join(run_dir, "checkpoints", "0"))
 
 
+def scores(summary: dict) -> dict:
+    """TGC on the held-out splits (dev + test_normal, task-weighted), test_normal, test_challenge."""
+    n = sum(summary[s]["num_tasks"] for s in HELD_OUT)
+    return {"held_out": sum(summary[s]["tgc"] * summary[s]["num_tasks"] for s in HELD_OUT) / n,
+            "test_normal": summary["test_normal"]["tgc"],
+            "test_challenge": summary["test_challenge"]["tgc"]}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--run_root", default="runs/ablation")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--no_ceiling", action="store_true", help="skip the careful-SFT row")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    rows = {}
-    warm = os.path.join(args.run_root, "warm_start")
-    before = appworld_loop.main([f"--seed={args.seed}", f"--run_dir={warm}", *args.overrides,
-                                 "--iterations=0"])["before"]
-    for name in args.variants:
-        slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-        run_dir = os.path.join(args.run_root, slug)
-        _copy_warm_start(warm, run_dir)
-        summary = appworld_loop.main([f"--seed={args.seed}", f"--run_dir={run_dir}",
-                                      *VARIANTS[name], *args.overrides, "--resume"])
-        assert summary["before"] == before, "the variant did not start from the shared warm start"
-        rows[name] = {f"{split}/{k}": summary["after"][split][k]
-                      for split in ("test_normal", "test_challenge") for k in ("tgc", "sgc")}
-    rows["warm start (SFT)"] = {f"{split}/{k}": before[split][k]
-                                for split in ("test_normal", "test_challenge") for k in ("tgc", "sgc")}
-    print("\nmethod            | test-normal TGC | SGC   | test-challenge TGC | SGC")
-    for name, r in rows.items():
-        print(f"{name:17s} | {100 * r['test_normal/tgc']:15.1f} | {100 * r['test_normal/sgc']:5.1f} | "
-              f"{100 * r['test_challenge/tgc']:18.1f} | {100 * r['test_challenge/sgc']:5.1f}")
-    print(json.dumps({"benchmark": "ablation", "seed": args.seed, "table": rows}))
+    rows: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        root = os.path.join(args.run_root, f"seed{seed}")
+        warm = os.path.join(root, "warm_start")
+        before = appworld_loop.main([f"--seed={seed}", f"--run_dir={warm}", *args.overrides,
+                                     "--iterations=0"])["before"]
+        rows.setdefault("warm start", []).append(scores(before))
+        for name in args.variants:
+            slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+            run_dir = os.path.join(root, slug)
+            _copy_warm_start(warm, run_dir)
+            summary = appworld_loop.main([f"--seed={seed}", f"--run_dir={run_dir}",
+                                          *VARIANTS[name], *args.overrides, "--resume"])
+            assert summary["before"] == before, "the variant did not start from the shared warm start"
+            rows.setdefault(name, []).append(scores(summary["after"]))
+        if not args.no_ceiling:
+            ceiling = appworld_loop.main([f"--seed={seed}", f"--run_dir={root}/careful_sft",
+                                          *args.overrides, "--demo_careful=1.0", "--iterations=0"])
+            rows.setdefault("careful SFT (ceiling)", []).append(scores(ceiling["before"]))
+    table = {name: {k: {"mean": float(np.mean([r[k] for r in rs])),
+                        "min": float(np.min([r[k] for r in rs])),
+                        "max": float(np.max([r[k] for r in rs])),
+                        "per_seed": [r[k] for r in rs]} for k in rs[0]}
+             for name, rs in rows.items()}
+
+    def cell(v):
+        return f"{100 * v['mean']:5.1f} ({100 * v['min']:4.1f}-{100 * v['max']:5.1f})"
+    print(f"\nTGC in %, mean (min-max) over seeds {args.seeds}")
+    print(f"{'method':22s} | {'dev + test_normal':19s} | {'test_normal':19s} | test_challenge")
+    for name, r in table.items():
+        print(f"{name:22s} | {cell(r['held_out']):19s} | {cell(r['test_normal']):19s} | "
+              f"{cell(r['test_challenge'])}")
+    print(json.dumps({"benchmark": "ablation", "seeds": args.seeds, "table": table}))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 
 Runs the main job once per seed (the same code path as `python -m experiments.appworld_loop`),
 and prints one JSON line: per seed and mean, held-out TGC/SGC/reward before LOOP (= after the
-SFT warm start) and after LOOP, and the improvement in points. The peer is the warm-start policy
-itself, evaluated in the same run on the same tasks.
+SFT warm start) and after LOOP, the improvement in points and the behaviour measures on dev. The
+peer is the warm-start policy itself, evaluated in the same run on the same tasks
+(benchmarks/ablation.py adds RFT and the careful-SFT ceiling).
 """
 
 import argparse
@@ -43,10 +44,20 @@ def main():
             row[f"{when}/held_out_success"] = sum(
                 summary[when][s]["tgc"] * summary[when][s]["num_tasks"] for s in HELD_OUT) / tasks
         row["improvement_points"] = 100 * (row["after/held_out_success"] - row["before/held_out_success"])
+        for when in ("before", "after"):  # the behaviour measures on dev (loopjax.eval.behaviour)
+            for k in ("doc_lookups", "paginate_when_needed", "answered_without_lookup",
+                      "code_error_rate", "turns"):
+                if k in summary[when]["dev"]:
+                    row[f"{when}/dev/{k}"] = summary[when]["dev"][k]
         per_seed.append(row)
-    mean = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0] if k != "seed"}
+        print(f"seed {seed}: held-out TGC {100 * row['before/held_out_success']:.1f}% -> "
+              f"{100 * row['after/held_out_success']:.1f}% ({row['improvement_points']:+.1f} points, "
+              f"{row['wall_s']:.0f} s)", flush=True)
+    mean = {k: float(np.mean([r[k] for r in per_seed if k in r])) for k in per_seed[0] if k != "seed"}
     print(json.dumps({"benchmark": "miniworld_learning", "held_out": HELD_OUT, "seeds": args.seeds,
-                      "mean": mean, "per_seed": per_seed}))
+                      "mean": mean, "every_seed_improves": all(r["improvement_points"] > 0
+                                                               for r in per_seed),
+                      "per_seed": per_seed}))
 
 
 if __name__ == "__main__":

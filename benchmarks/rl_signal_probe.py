@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.appworld_loop import resolve  # noqa: E402
-from loopjax import train  # noqa: E402
+from loopjax import eval as evaluation, train  # noqa: E402
 from loopjax.envs import list_tasks  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def probe(trainer, split: str, every: int, K: int, key) -> dict:
     return {"tasks": len(tasks), "pass@1": float(success_GxK.mean()),
             f"pass@{K}": float(success_GxK.any(1).mean()),
             "mixed_reward_share": float((reward_GxK.std(1) > 0.01).mean()),
-            "reward": float(reward_GxK.mean())}
+            "reward": float(reward_GxK.mean()), **evaluation.behaviour(records)}
 
 
 def main():
@@ -55,7 +55,8 @@ def main():
     trainer.warm_start()
     K = config.rollouts_per_task
     out = {"benchmark": "rl_signal_probe", "sft_steps": config.sft_steps, "seed": config.seed,
-           "dev_greedy_tgc": trainer.evaluate("dev", "probe", 0)["tgc"]}
+           "demo_careful": config.demo_careful,
+           "dev_greedy": trainer.evaluate("dev", "probe", 0)}
     for i, (split, every) in enumerate((("train", args.train_every), ("dev", 1))):
         out[split] = probe(trainer, split, every, K, jax.random.fold_in(trainer.key, 50 + i))
     out["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -11,7 +11,7 @@ PRESETS = {
     # rollouts into 512-token rows: one row length, so a run compiles at most 4 update programs.
     "miniworld-tiny": {
         "env": "miniworld-tiny", "run_dir": "runs/miniworld-tiny", "model": "",
-        "scratch.vocab_size": 1024, "compact_prompt": True, "warm_start": "sft", "sft_steps": 350,
+        "scratch.vocab_size": 1024, "compact_prompt": True, "warm_start": "sft", "demo_careful": 0.3, "sft_steps": 350,
         "sft_rows": 8, "sft_learning_rate": 3e-3, "iterations": 10, "tasks_per_iteration": 16,
         "rollouts_per_task": 6, "max_interactions_train": 4, "max_interactions_eval": 4,
         "max_new_tokens": 96, "max_seq_len": 512, "max_obs_tokens": 128, "eval_every": 5,

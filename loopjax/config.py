@@ -13,11 +13,11 @@ import json
 import types
 import typing
 
+from loopjax.loop.advantages import BASELINES
 from loopjax.loop.epochs import EpochConfig
 from loopjax.loop.update import UpdateConfig
 from loopjax.models.lora import LoraConfig
 
-BASELINES = ("leave_one_out", "leave_none_out")
 WARM_STARTS = ("none", "sft", "rft")
 
 
@@ -48,6 +48,7 @@ class TrainConfig:
     compact_prompt: bool = True  # short prompt without the worked example (small from-scratch models)
     # --- warm start (models that cannot act yet)
     warm_start: str = "sft"  # none | sft (ground-truth demonstrations) | rft (own successes)
+    demo_careful: float = 1.0  # share of SFT demonstrators with each good habit (1 = ground truth)
     sft_steps: int = 300  # optimizer steps of supervised fine-tuning
     sft_rows: int = 8  # rows of max_seq_len tokens per SFT step, several demonstrations packed per row
     sft_learning_rate: float = 3e-3  # AdamW learning rate of the warm start
@@ -58,7 +59,7 @@ class TrainConfig:
     tasks_per_iteration: int = 16  # G tasks sampled from the train split per iteration
     rollouts_per_task: int = 6  # K rollouts of each task
     temperature: float = 1.0  # sampling temperature of training rollouts
-    baseline: str = "leave_one_out"  # leave_one_out | leave_none_out
+    baseline: str = "leave_one_out"  # leave_one_out | leave_none_out | rft (own successes, A = 1)
     normalize_std: bool = False  # divide advantages by the task's reward std (GRPO / RwNorm)
     update: UpdateConfig = UpdateConfig()
     epochs: EpochConfig = EpochConfig()
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"baseline {self.baseline!r} must be one of {BASELINES}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start {self.warm_start!r} must be one of {WARM_STARTS}")
+        if not 0.0 <= self.demo_careful <= 1.0:
+            raise ValueError(f"demo_careful must be in [0, 1], got {self.demo_careful}")
         for name in ("straggler_fraction", "straggler_task_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")

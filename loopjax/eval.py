@@ -22,8 +22,27 @@ def split_index(split: str) -> int:
     return SPLITS.index(split) if split in SPLITS else 100 + sum(map(ord, split))
 
 
+def behaviour(records: list[dict]) -> dict:
+    """The paper's behaviour measures over episodes: API-doc lookups per episode, share of turns
+    whose code raised, turns per episode, share of episodes that walked a list's pages among those
+    whose task needs it (records' `needs_paging`), share that answered before reading any state."""
+    if not records:
+        return {}
+    paging = [r["paginated"] for r in records if r.get("needs_paging")]
+    out = {"doc_lookups": float(np.mean([r["doc_lookups"] for r in records])),
+           "code_error_rate": float(np.sum([r["code_errors"] for r in records])
+                                    / max(1, np.sum([r["num_turns"] for r in records]))),
+           "turns": float(np.mean([r["num_turns"] for r in records])),
+           "answered_without_lookup": float(np.mean([r["answered_without_lookup"]
+                                                     for r in records]))}
+    if paging:
+        out["paginate_when_needed"] = float(np.mean(paging))
+    return out
+
+
 def summarize(records: list[dict]) -> dict:
-    """{"tgc", "sgc", "reward", "num_tasks", "num_scenarios"} of one evaluation's episodes."""
+    """TGC, SGC, mean reward, task and scenario counts and the behaviour measures of one
+    evaluation's episodes."""
     if not records:
         return {"tgc": 0.0, "sgc": 0.0, "reward": 0.0, "num_tasks": 0, "num_scenarios": 0}
     scenarios: dict[str, bool] = {}
@@ -33,7 +52,7 @@ def summarize(records: list[dict]) -> dict:
     return {"tgc": float(np.mean([r["success"] for r in records])),
             "sgc": float(np.mean(list(scenarios.values()))),
             "reward": float(np.mean([r["reward"] for r in records])),
-            "num_tasks": len(records), "num_scenarios": len(scenarios)}
+            "num_tasks": len(records), "num_scenarios": len(scenarios), **behaviour(records)}
 
 
 def prefixed(summary: dict, prefix: str) -> dict:
@@ -57,7 +76,10 @@ def write_reports(run_dir: str, summary: dict, episodes: list[dict], max_episode
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     report.learning_curve(run_dir)
-    chosen = [e for e in episodes if e.get("tag") != "train"][:max_episodes]
+    paired = [e for e in episodes if e.get("tag") in ("before LOOP", "after LOOP")]
+    chosen = paired + [e for e in episodes if e.get("tag") not in ("train", "before LOOP",
+                                                                   "after LOOP")]
+    chosen = chosen[:max(max_episodes, len(paired))]
     chosen += [e for e in episodes if e.get("tag") == "train"][:max(0, max_episodes - len(chosen))]
     report.trajectories_html(chosen, os.path.join(run_dir, "trajectories.html"))
     with open(os.path.join(run_dir, "before_after.txt"), "w") as f:

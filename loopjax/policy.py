@@ -24,8 +24,9 @@ from loopjax import warmstart
 log = logging.getLogger(__name__)
 
 
-def build_policy(config, ground_truth, train_tasks):
-    """(tokenizer, ModelConfig, params) for `config` (a TrainConfig)."""
+def build_policy(config, demo, train_tasks):
+    """(tokenizer, ModelConfig, params) for `config` (a TrainConfig); a from-scratch tokenizer
+    trains on the episodes of `demo` (warmstart.scripted_agents) on `train_tasks`."""
     if config.model:
         model_config, params = load_hf_checkpoint(config.model, dtype=config.dtype)
         tokenizer = load_tokenizer(config.model)
@@ -41,7 +42,7 @@ def build_policy(config, ground_truth, train_tasks):
     else:
         env = make_env(config.env)
         try:
-            corpus = warmstart.transcripts(env, train_tasks, ground_truth,
+            corpus = warmstart.transcripts(env, train_tasks, demo,
                                            compact=config.compact_prompt)
         finally:
             env.close()

@@ -38,11 +38,13 @@ def learning_curve(run_dir: str | os.PathLike, out_path: str | os.PathLike | Non
     run_dir = os.fspath(run_dir)
     out_path = os.fspath(out_path) if out_path is not None else os.path.join(run_dir, "learning_curve.png")
     records = MetricsWriter.read(run_dir)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 2])
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 10), sharex=True,
+                                              height_ratios=[3, 2, 2])
     try:
         drawn_top = _draw_top(top, records)
+        drawn_middle = _draw_behaviour(middle, records)
         drawn_bottom = _draw_bottom(bottom, records)
-        if not (drawn_top or drawn_bottom):
+        if not (drawn_top or drawn_middle or drawn_bottom):
             top.text(0.5, 0.5, "no metrics yet", ha="center", va="center", fontsize=16,
                      transform=top.transAxes)
         bottom.set_xlabel("iteration")
@@ -79,6 +81,31 @@ def _draw_top(ax, records: list[dict]) -> bool:
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(loc="best", fontsize=8)
+    return drawn
+
+
+# The paper's behaviour measures (loopjax.eval.behaviour), on training rollouts and held-out evals.
+_BEHAVIOUR = (("doc_lookups", "API-doc lookups / episode"),
+              ("paginate_when_needed", "paginates when needed"),
+              ("answered_without_lookup", "answers without a lookup"),
+              ("code_error_rate", "code-error rate (turns)"))
+
+
+def _draw_behaviour(ax, records: list[dict]) -> bool:
+    drawn = False
+    colors = ["tab:blue", "tab:green", "tab:red", "tab:gray"]
+    for (name, label), color in zip(_BEHAVIOUR, colors):
+        for key, style in ((f"train/{name}", "-"), (f"eval/dev/{name}", "--")):
+            steps, values = _series(records, key)
+            if steps:
+                where = "train" if key.startswith("train") else "eval dev"
+                ax.plot(steps, values, linestyle=style, color=color, label=f"{label} ({where})",
+                        marker="o" if style == "--" else None, markersize=4)
+                drawn = True
+    ax.set_ylabel("behaviour")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(loc="best", fontsize=7)
     return drawn
 
 
@@ -158,6 +185,7 @@ def trajectories_html(episodes: list[dict], out_path: str | os.PathLike,
                 f"<td>{_success_cell(episode.get('success'))}</td>"
                 f"<td>{_e(episode.get('num_turns', len(episode.get('turns', []))))}</td></tr>")
     parts.append("</tbody></table>")
+    parts.extend(_before_after_html(episodes))
     for section, (tag, items) in enumerate(by_tag.items()):
         successes = sum(bool(episode.get("success")) for _, episode in items)
         parts.append(f'<section id="tag{section}"><h2>{_e(tag)} '
@@ -173,18 +201,40 @@ def trajectories_html(episodes: list[dict], out_path: str | os.PathLike,
     return out_path
 
 
+def _before_after_html(episodes: list[dict]) -> list[str]:
+    """The same held-out tasks before and after LOOP, side by side."""
+    by_task: dict[tuple, dict] = defaultdict(dict)
+    for index, episode in enumerate(episodes):
+        tag = episode.get("tag")
+        if tag in ("before LOOP", "after LOOP"):
+            by_task[(episode.get("split"), episode.get("task_id"))][tag] = (index, episode)
+    pairs = [(k, v) for k, v in by_task.items() if len(v) == 2]
+    if not pairs:
+        return []
+    out = ["<h2>The same tasks before and after LOOP</h2>",
+           '<table class="summary"><thead><tr><th>before LOOP</th><th>after LOOP</th></tr></thead>'
+           "<tbody>"]
+    for _, v in pairs:
+        out.append("<tr>" + "".join(f'<td style="vertical-align: top; width: 50%">'
+                                     f"{_episode_html(*v[tag], open_=True, anchor='pair')}</td>"
+                                     for tag in ("before LOOP", "after LOOP")) + "</tr>")
+    out.append("</tbody></table>")
+    return out
+
+
 def _format_reward(reward) -> str:
     return f"{reward:.3f}" if isinstance(reward, (int, float)) else _e(reward if reward is not None else "")
 
 
-def _episode_html(index: int, episode: dict) -> str:
+def _episode_html(index: int, episode: dict, open_: bool = False, anchor: str = "ep") -> str:
     status = "ok" if episode.get("success") else "bad"
     head = (f'<span class="{status}">{"&#10004;" if episode.get("success") else "&#10008;"}</span> '
             f"{_e(episode.get('task_id', ''))} &middot; {_e(episode.get('split', ''))} &middot; "
             f"reward {_format_reward(episode.get('reward'))} &middot; "
             f"{_e(episode.get('num_turns', len(episode.get('turns', []))))} turns &middot; "
             f"iteration {_e(episode.get('iteration', ''))}")
-    out = [f'<details class="episode" id="ep{index}"><summary>{head}</summary>',
+    out = [f'<details class="episode" id="{anchor}{index}"{" open" if open_ else ""}>'
+           f"<summary>{head}</summary>",
            '<p class="label">instruction</p>', f"<pre>{_e(episode.get('instruction', ''))}</pre>"]
     for number, turn in enumerate(episode.get("turns", []), start=1):
         out.append(f'<div class="turn"><h4>turn {number}</h4>')

@@ -53,6 +53,8 @@ class Trainer:
         self.key = jax.random.key(c.seed)
         self.timer = Timer()
         self.gt = lambda task_id: ground_truth(task_id, c.env)
+        self.demo = warmstart.scripted_agents(c.env, c.demo_careful, c.seed)
+        self._needs_paging: dict[str, bool] = {}
         self.train_tasks = list_tasks(c.env, c.train_split)
         if not self.train_tasks:
             raise ValueError(f"world {c.env!r} has no training tasks")
@@ -61,7 +63,7 @@ class Trainer:
         policy_c = c if self.is_main else dataclasses.replace(
             c, run_dir=os.path.join(c.run_dir, f"process{jax.process_index()}"))
         os.makedirs(policy_c.run_dir, exist_ok=True)
-        self.tokenizer, self.model_config, params = build_policy(policy_c, self.gt,
+        self.tokenizer, self.model_config, params = build_policy(policy_c, self.demo,
                                                                  self.train_tasks)
         multihost.check_same("the tokenizer or model config",
                              multihost.fingerprint(self.tokenizer, self.model_config))
@@ -109,7 +111,20 @@ class Trainer:
                 straggler_fraction=c.straggler_fraction if straggler else 1.0,
                 straggler_task_fraction=c.straggler_task_fraction if straggler else 1.0,
                 progress=bar.update)
-        return multihost.gather_rollouts(records, stats)
+        records, stats = multihost.gather_rollouts(records, stats)
+        for r in records:
+            r["needs_paging"] = self.needs_paging(r["task_id"])
+        return records, stats
+
+    def needs_paging(self, task_id: str) -> bool:
+        """Whether the task's ground truth walks the pages of a list (False without one)."""
+        if task_id not in self._needs_paging:
+            try:
+                gt = "\n".join(self.gt(task_id))
+            except NotImplementedError:
+                gt = ""
+            self._needs_paging[task_id] = "page_index" in gt
+        return self._needs_paging[task_id]
 
     def evaluate(self, split: str, tag: str, iteration: int) -> dict:
         c = self.config
@@ -123,7 +138,8 @@ class Trainer:
                                        desc=f"eval {split} ({tag})", straggler=False)
         for r in records:
             r.update(split=split, tag=tag, iteration=iteration)
-        self.episodes_for_html += records[:max(1, c.num_trajectories_html // 6)]
+        shown = max(1, c.num_trajectories_html // 6)  # evenly spaced: one of several templates
+        self.episodes_for_html += records[::max(1, len(records) // shown)][:shown]
         return evaluation.summarize(records)
 
     # ------------------------------------------------------------------------- phases
@@ -134,8 +150,8 @@ class Trainer:
             return
         params, lora = self.params_lora
         if c.warm_start == "sft":
-            records = warmstart.demonstrations(self.envs[0], self.tokenizer, self.train_tasks, self.gt,
-                                               self.limits_train)
+            records = warmstart.demonstrations(self.envs[0], self.tokenizer, self.train_tasks,
+                                               self.demo, self.limits_train)
         else:  # rft: the policy's own successes, sampled K times per train task
             records = []
             for r in range(c.rft_rounds):
@@ -201,10 +217,7 @@ class Trainer:
         rewards = np.array([r["reward"] for r in records])
         metrics = {
             "train/reward": rewards.mean(), "train/success": np.mean([r["success"] for r in records]),
-            "train/turns": np.mean([r["num_turns"] for r in records]),
-            "train/doc_lookups": np.mean([r["doc_lookups"] for r in records]),
-            "train/code_error_rate": np.sum([r["code_errors"] for r in records])
-            / max(1, np.sum([r["num_turns"] for r in records])),
+            **evaluation.prefixed(evaluation.behaviour(records), "train/"),
             "train/generated_tokens": np.mean([r["num_generated"] for r in records]),
             "train/episodes_cut": stats["cut"], "train/env_failures": len(failed),
             "adv/mean": adv.mean(), "adv/abs_mean": np.abs(adv).mean(), "adv/std": adv.std(),

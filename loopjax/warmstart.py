@@ -9,6 +9,8 @@ rollouts (the trainer collects them).
 from __future__ import annotations
 
 import logging
+import zlib
+from typing import Callable
 
 import flax.struct
 import jax
@@ -17,14 +19,35 @@ import numpy as np
 import optax
 
 from loopjax.agent import format_code_turn, format_observation, react_messages
+from loopjax.envs import demonstration, ground_truth
 from loopjax.models.transformer import token_logprobs
 from loopjax.rollout.collector import Episode, EpisodeLimits, _reset, _step
 
 log = logging.getLogger(__name__)
 
 
-def transcripts(env, task_ids, ground_truth, *, compact: bool) -> list[str]:
-    """Text of ground-truth episodes (prompt, solution turns, replies): a tokenizer corpus."""
+def scripted_agents(world: str, careful: float, seed: int) -> Callable[[str], tuple[list, bool]]:
+    """The warm start's demonstrators: `demo(task_id) -> ([(code written, code run)], careful)`
+    where careful = the agent has every habit (its episode must solve the task).
+
+    careful = 1.0: the ground truth (SFT-GT). Below 1, each task's demonstration comes from an
+    agent whose two habits (read the API docs first; walk every page of a list) are each present
+    with probability `careful`, drawn per task from `seed`: an imperfect base policy, the way a
+    pretrained model is imperfect, which LOOP can improve on (README, "miniworld-tiny")."""
+    if not 0.0 <= careful <= 1.0:
+        raise ValueError(f"demo_careful must be in [0, 1], got {careful}")
+
+    def demo(task_id: str) -> tuple[list[tuple[str, str]], bool]:
+        if careful == 1.0:
+            return [(code, code) for code in ground_truth(task_id, world)], True
+        lookup, paging = np.random.default_rng([seed, zlib.crc32(task_id.encode())]).random(2) < careful
+        turns = demonstration(task_id, world, lookup=bool(lookup), paging=bool(paging))
+        return turns, bool(lookup and paging)
+    return demo
+
+
+def transcripts(env, task_ids, demo, *, compact: bool) -> list[str]:
+    """Text of demonstrated episodes (prompt, code turns, replies): a tokenizer corpus."""
     texts = []
     for task_id in task_ids:
         obs = env.reset(task_id)
@@ -32,35 +55,42 @@ def transcripts(env, task_ids, ground_truth, *, compact: bool) -> list[str]:
         for _, text in react_messages(obs.instruction, name=sup.name, email=sup.email,
                                       phone=sup.phone_number, date=obs.date, compact=compact):
             texts.append(text)
-        for code in ground_truth(task_id):
-            texts.append(format_code_turn(code))
+        for written, code in demo(task_id)[0]:
+            texts.append(format_code_turn(written))
             res = env.step(code)
             texts.append(format_observation(res.output, instruction=obs.instruction, compact=compact))
     return texts
 
 
-def demonstrations(env, tokenizer, task_ids, ground_truth, limits: EpisodeLimits) -> list[dict]:
-    """Ground-truth episodes as rollout records (assistant turns marked as outputs, logp 0)."""
+def demonstrations(env, tokenizer, task_ids, demo, limits: EpisodeLimits) -> list[dict]:
+    """Scripted episodes as rollout records (assistant turns marked as outputs, logp 0).
+
+    `demo(task_id)` gives (code written, code run) per turn and whether the agent is careful:
+    the conversation holds what the agent wrote, the world runs its equivalent today (outputs
+    are the same). A careless agent's episode is kept whether it succeeds or not (that is the
+    behaviour being imitated); a careful one that completes the task and fails is a bug in the
+    ground truth."""
     records, skipped = [], []
     for i, task_id in enumerate(task_ids):
         ep = Episode(i, task_id, i)
         end = _reset(env, ep, tokenizer, limits)
-        for code in ground_truth(task_id):
+        turns, careful = demo(task_id)
+        for written, code in turns:
             if end is not None:
                 break
-            ids = tokenizer.encode(format_code_turn(code)) + [tokenizer.end_of_turn_id]
+            ids = tokenizer.encode(format_code_turn(written)) + [tokenizer.end_of_turn_id]
             if len(ids) > limits.max_new_tokens or len(ep.conv.tokens) + len(ids) >= limits.max_seq_len:
                 end = "context_full"
                 break
             ep.conv.add_generated(ids, [0.0] * len(ids))
-            end = _step(env, ep, tokenizer, limits)
+            end = _step(env, ep, tokenizer, limits, run=code)
         ep.end_reason, ep.eval = end or "script_ended", env.evaluate()
-        if ep.eval.success:
-            records.append(ep.record())
-        elif end == "complete_task":
-            raise RuntimeError(f"ground truth of {task_id} does not solve it: {ep.eval.failures}")
-        else:
+        if end == "context_full" or (end is None and not ep.eval.success):
             skipped.append(task_id)  # the episode limits (context, turns) cut the solution off
+        elif ep.eval.success or not careful:
+            records.append(ep.record())
+        else:
+            raise RuntimeError(f"ground truth of {task_id} does not solve it: {ep.eval.failures}")
     if skipped:
         log.warning("%d of %d demonstrations do not fit the episode limits (e.g. %s); skipped",
                     len(skipped), len(task_ids), skipped[0])

@@ -3,7 +3,8 @@
     from loopjax.envs import make_env, list_tasks, ground_truth, scenario_id
 """
 from loopjax.envs.base import (Env, EvalResult, Observation, StepResult, Supervisor, WorldEntry,
-                               ground_truth, list_tasks, make_env, register_world, scenario_id)
+                               demonstration, ground_truth, list_tasks, make_env, register_world,
+                               scenario_id)
 
 __all__ = ["Env", "EvalResult", "Observation", "StepResult", "Supervisor", "WorldEntry",
-           "ground_truth", "list_tasks", "make_env", "register_world", "scenario_id"]
+           "demonstration", "ground_truth", "list_tasks", "make_env", "register_world", "scenario_id"]

@@ -78,6 +78,9 @@ class WorldEntry:
     make_env: Callable[..., Env]
     list_tasks: Callable[[str], list[str]]
     ground_truth: Callable[[str], list[str]] | None = None
+    # (task_id, lookup=bool, paging=bool) -> [(code written, code run)]: scripted agents with
+    # and without the habits the world rewards (the warm start's demonstrations)
+    demonstration: Callable[..., list[tuple[str, str]]] | None = None
 
 
 _WORLDS: dict[str, WorldEntry] = {}  # the registry: world name -> entry
@@ -110,6 +113,19 @@ def ground_truth(task_id: str, world: str = "miniworld") -> list[str]:
     if entry.ground_truth is None:
         raise NotImplementedError(f"world {world!r} has no ground-truth solutions")
     return entry.ground_truth(task_id)
+
+
+def demonstration(task_id: str, world: str, *, lookup: bool = True,
+                  paging: bool = True) -> list[tuple[str, str]]:
+    """A scripted agent's turns as (code it writes, code the world runs): `lookup` = it reads the
+    API docs first (else it writes remembered, outdated API names), `paging` = it reads every
+    page of a list (else the first)."""
+    entry = _entry(world)
+    if entry.demonstration is None:
+        if not (lookup and paging):
+            raise NotImplementedError(f"world {world!r} has no careless demonstrations")
+        return [(code, code) for code in ground_truth(task_id, world)]
+    return entry.demonstration(task_id, lookup=lookup, paging=paging)
 
 
 def scenario_id(task_id: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-BASELINES = ("leave_one_out", "leave_none_out")
+BASELINES = ("leave_one_out", "leave_none_out", "rft")
 
 
 def advantages(rewards_GxK, baseline: str = "leave_one_out", normalize_std: bool = False,
@@ -17,6 +17,8 @@ def advantages(rewards_GxK, baseline: str = "leave_one_out", normalize_std: bool
 
     leave_one_out (LOOP, RLOO):  A_k = R_k - 1/(K-1) * sum_{i != k} R_i  =  K/(K-1) * (R_k - mean(R))
     leave_none_out (LNO, GRPO):  A_k = R_k - mean(R)
+    rft (expert iteration):      A_k = 1 if R_k = 1 (all of the task's tests pass) else 0: with
+                                 the |A| filter, fine-tuning on the policy's own successes only.
     normalize_std:               A_k /= max(std(R), std_eps), std over the task's K rewards (ddof=0).
                                  GRPO = leave_none_out + normalize_std; LOOP RwNorm = leave_one_out +
                                  normalize_std. A task whose rewards are all equal gets A = 0 exactly.
@@ -38,6 +40,8 @@ def advantages(rewards_GxK, baseline: str = "leave_one_out", normalize_std: bool
             "raise rollouts_per_task")
     if baseline not in BASELINES:
         raise ValueError(f"baseline {baseline!r} must be one of {BASELINES}")
+    if baseline == "rft":
+        return (rewards_GxK >= 1.0).astype(jnp.float32)
     mean_Gx1 = jnp.mean(rewards_GxK, axis=1, keepdims=True)
     adv_GxK = rewards_GxK - mean_Gx1
     if baseline == "leave_one_out":

@@ -55,7 +55,6 @@ class Episode:
 
     def record(self) -> dict:
         arrays = self.conv.as_arrays()
-        code = "\n".join(t["code"] for t in self.turns)
         return dict(
             **arrays, task_id=self.task_id, group=self.group, index=self.index,
             reward=float(self.eval.reward), success=bool(self.eval.success),
@@ -64,8 +63,28 @@ class Episode:
             env_failure=self.env_failure,
             turns=self.turns, num_tokens=len(self.conv.tokens),
             num_generated=int(np.sum(arrays["is_output"])),
-            doc_lookups=code.count("api_docs."),
-            code_errors=sum(bool(_ERROR_RE.search(t["output"])) for t in self.turns))
+            code_errors=sum(bool(_ERROR_RE.search(t["output"])) for t in self.turns),
+            **behaviour(self.turns))
+
+
+_STATE_CALL_RE = re.compile(r"apis\.(?!supervisor\.|api_docs\.)\w+\.\w+\(")
+
+
+def behaviour(turns: list[dict]) -> dict:
+    """The paper's behaviour measures of one episode, from the code it ran: API-doc lookups,
+    whether it walked pages of a list (`page_index`), and whether it answered
+    (`complete_task(answer=...)`) before any app API call read the state."""
+    doc_lookups, looked, blind_answer = 0, False, False
+    for t in turns:
+        code = t["code"] or ""
+        doc_lookups += code.count("api_docs.")
+        at = code.find("complete_task(answer=")
+        if at >= 0 and not looked and not _STATE_CALL_RE.search(code[:at]):
+            blind_answer = True
+        looked = looked or bool(_STATE_CALL_RE.search(code))
+    return {"doc_lookups": doc_lookups,
+            "paginated": any("page_index" in (t["code"] or "") for t in turns),
+            "answered_without_lookup": blind_answer}
 
 
 def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[str],
@@ -205,12 +224,13 @@ def _reset(env, ep: Episode, tokenizer, limits: EpisodeLimits):
     return None
 
 
-def _step(env, ep: Episode, tokenizer, limits: EpisodeLimits):
-    """Runs the turn's code; appends the environment's reply. Returns an end reason or None."""
+def _step(env, ep: Episode, tokenizer, limits: EpisodeLimits, run: str | None = None):
+    """Runs the turn's code (or `run`, a scripted demonstration's equivalent of it); appends the
+    environment's reply. Returns an end reason or None."""
     text = ep.conv.text_of_turn(-1)
     code = extract_code(text)
     if code:
-        res = env.step(code)
+        res = env.step(code if run is None else run)
         output, done = res.output, res.done
     else:
         output, done = NO_CODE_MESSAGE, False

@@ -9,7 +9,7 @@ can learn) and "miniworld" (all apps, logins, dozens of APIs). Use it through lo
 """
 from loopjax.envs.base import WorldEntry, register_world
 from loopjax.envs.miniworld.env import MiniWorldEnv
-from loopjax.envs.miniworld.tasks import PRESETS, Preset, ground_truth, task_ids
+from loopjax.envs.miniworld.tasks import PRESETS, Preset, demonstration, ground_truth, task_ids
 
 __all__ = ["MiniWorldEnv", "PRESETS", "Preset"]
 
@@ -18,7 +18,8 @@ def _register(preset: Preset) -> None:
     register_world(preset.name, WorldEntry(
         make_env=lambda **options: MiniWorldEnv(preset, **options),
         list_tasks=lambda split: task_ids(preset, split),
-        ground_truth=lambda task_id: ground_truth(preset, task_id)))
+        ground_truth=lambda task_id: ground_truth(preset, task_id),
+        demonstration=lambda task_id, **habits: demonstration(preset, task_id, **habits)))
 
 
 for _preset in PRESETS.values():

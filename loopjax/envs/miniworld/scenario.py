@@ -139,14 +139,51 @@ def only(app: str, table: str, kinds=("add",), **fields) -> Allow:
                  lambda r: all(same(r.get(k), v) for k, v in fields.items()))
 
 
-def render_solution(turns: list[str], auth: bool, username: str) -> list[str]:
-    """Expand `@app` token markers; with auth, log in to the used apps at the top of turn 1."""
-    apps = sorted(set(re.findall(r"@(\w+)", "\n".join(turns))))
+# The API names of miniworld's first version. The careless demonstrations of the warm start were
+# recorded against it (loopjax.warmstart): code that calls these names today gets a 404 that points
+# at the docs, which the careful agents read before they call anything.
+V1_NAMES = {("phone", "search_contacts"): "find_contacts", ("phone", "add_contact"): "new_contact",
+            ("phone", "send_text_message"): "send_text",
+            ("phone", "search_text_messages"): "find_texts",
+            ("notes", "search_notes"): "find_notes", ("notes", "create_note"): "add_note",
+            ("notes", "delete_note"): "remove_note", ("payments", "show_balance"): "get_balance",
+            ("payments", "send_money"): "pay", ("payments", "request_money"): "ask_money",
+            ("payments", "search_transactions"): "find_transactions"}
+PAGED = "@paged "  # a solution line `@paged x = apis.app.api(...)` needs every page of the list
+
+
+@dataclasses.dataclass(frozen=True)
+class Habits:
+    """How an agent writes a solution: the behaviours miniworld's tasks reward.
+
+    lookup: read the used apps' API list (`api_docs`) in a first turn, then call today's API names;
+    without it the agent calls the names it remembers from miniworld's first version (V1_NAMES).
+    paging: walk every page of a paginated list; without it, take the first page only.
+    """
+    lookup: bool = True
+    paging: bool = True
+
+
+CAREFUL = Habits()
+
+
+def render_solution(turns: list[str], auth: bool, username: str, habits: Habits = CAREFUL,
+                    api_version: int = 2) -> list[str]:
+    """Expand `@app` token markers and `@paged` lines; with auth, log in to the used apps at the
+    top of the first solution turn; with habits.lookup, a first turn prints the used apps' APIs.
+    api_version=1 writes miniworld's first-version API names (how careless demonstrations read)."""
+    code = "\n".join(turns)
+    apps = sorted(set(re.findall(r"@(\w+)", code)) - {"paged"})
     out = []
     for t in turns:
+        t = "\n".join(_paged(line, habits.paging) if line.startswith(PAGED) else line
+                      for line in t.split("\n"))
         for app in apps:
             t = t.replace(f"(@{app})", f"(access_token={app}_token)" if auth else "()")
             t = t.replace(f"(@{app} ", f"(access_token={app}_token, " if auth else "(")
+        if api_version == 1:
+            for (app, api), old in V1_NAMES.items():
+                t = t.replace(f"apis.{app}.{api}(", f"apis.{app}.{old}(")
         out.append(t)
     if auth and apps:
         head = ['pw = {a["account_name"]: a["password"] for a in '
@@ -154,4 +191,21 @@ def render_solution(turns: list[str], auth: bool, username: str) -> list[str]:
         head += [f'{a}_token = apis.{a}.login(username={q(username)}, '
                  f'password=pw["{a}"])["access_token"]' for a in apps]
         out[0] = "\n".join(head + [out[0]])
+    if habits.lookup and apps:
+        used = sorted(set(re.findall(r"apis\.(\w+)\.", code)) - {"supervisor", "api_docs"},
+                      key=code.index)
+        out.insert(0, "\n".join(f"print(apis.api_docs.show_api_descriptions(app_name={q(a)}))"
+                                for a in used))
     return out
+
+
+def _paged(line: str, paging: bool) -> str:
+    """`@paged x = apis.a.b(args)` as a loop over every page, or as one call (the first page)."""
+    var, call = (s.strip() for s in line[len(PAGED):].split("=", 1))
+    if not paging:
+        return f"{var} = {call}"
+    head, args = call[:-1].split("(", 1)
+    args = args + (", " if args.strip() not in ("", "@" + head.split(".")[1]) else " ")
+    return (f"{var}, page = [], 0\n"
+            f"while got := {head}({args}page_index=page):\n"
+            f"    {var}, page = {var} + got, page + 1")

@@ -1,15 +1,20 @@
-"""The scenario templates of miniworld-tiny (phone, notes, payments); the full preset has them too.
+"""The basic scenario templates (phone, notes, payments): miniworld-tiny's, and the full preset's.
 
 Each one-sentence instruction names the values the code must copy, quoted as the code quotes
-them (so a small model sees the same tokens in both places); solutions are 1-2 turns of at
-most three short lines. The two challenge templates combine phone and payments, a pairing no train
-template uses.
+them (so a small model sees the same tokens in both places); solutions are a docs lookup, then
+1-2 turns of at most four short lines. miniworld-tiny keeps the templates whose success hinges on
+behaviour (read the docs, walk every page) rather than on copying several values into code,
+which a from-scratch model learns too slowly for a CPU demo (TINY_SCENARIOS); the full preset
+has them all (BASIC_SCENARIOS). The two challenge templates combine phone and payments, a pairing
+no train template uses.
 """
 from __future__ import annotations
 
+from loopjax.envs.miniworld import data
 from loopjax.envs.miniworld.evaluator import Allow
-from loopjax.envs.miniworld.scenario import (Gen, Scenario, TaskSpec, added_where, deleted_id,
-                                             only, q)
+from loopjax.envs.miniworld.framework import matches
+from loopjax.envs.miniworld.scenario import (PAGED, Gen, Scenario, TaskSpec, added_where,
+                                             deleted_id, only, q)
 
 DONE = "apis.supervisor.complete_task()"
 
@@ -28,11 +33,36 @@ def text_contact(g: Gen) -> TaskSpec:
 
 def contact_phone(g: Gen) -> TaskSpec:
     p = g.contact()
+    # The contact's number differs from task to task (it "changed"): the answer is in the state,
+    # never in what a policy could remember from another task.
+    number = f"555-{g.rng.randrange(1000, 10000)}"
+    for c in g.state["phone"]["contacts"].values():
+        if c["name"] == p["name"]:
+            c["phone_number"] = number
     return TaskSpec(
         f'What is the phone number of "{p["name"]}"?',
         [f"c = apis.phone.search_contacts(@phone query={q(p['name'])})[0]\n"
          'apis.supervisor.complete_task(answer=c["phone_number"])'],
-        [], [], answer=p["phone_number"])
+        [], [], answer=number)
+
+
+def last_text(g: Gen) -> TaskSpec:
+    p, text = g.contact(), g.phrase()
+    g.text_from(p, text)
+    return TaskSpec(
+        f'What did "{p["name"]}" say in their last text message?',
+        [f"m = apis.phone.search_text_messages(@phone contact={q(p['name'])})[0]\n"
+         'apis.supervisor.complete_task(answer=m["message"])'],
+        [], [], answer=text)
+
+
+def contact_email(g: Gen) -> TaskSpec:
+    p = g.contact()
+    return TaskSpec(
+        f'What is the email address of "{p["name"]}"?',
+        [f"c = apis.phone.search_contacts(@phone query={q(p['name'])})[0]\n"
+         'apis.supervisor.complete_task(answer=c["email"])'],
+        [], [], answer=p["email"])
 
 
 def add_contact(g: Gen) -> TaskSpec:
@@ -190,18 +220,73 @@ def pay_text_amount(g: Gen) -> TaskSpec:
         _payment_allow(p["name"]))
 
 
+def _many(g: Gen) -> int:
+    """How many records a counting task adds: 1-12, so the answer is past the first page (5
+    results) in 7 of 12 tasks and only walking every page is always right."""
+    return g.rng.randint(1, 12)
+
+
+def count_texts(g: Gen) -> TaskSpec:
+    p = g.contact()
+    for _ in range(_many(g)):
+        g.text_from(p, g.phrase())
+    n = sum(p["name"] in (m["sender_name"], m["receiver_name"])
+            for m in g.state["phone"]["messages"].values())
+    return TaskSpec(
+        f'How many text messages have I exchanged with "{p["name"]}"?',
+        [f"{PAGED}ms = apis.phone.search_text_messages(@phone contact={q(p['name'])})\n"
+         "apis.supervisor.complete_task(answer=len(ms))"],
+        [], [], answer=n)
+
+
+def count_notes(g: Gen) -> TaskSpec:
+    word = g.word()
+    for _ in range(_many(g)):
+        g.note(g.unique_title(lambda: f"{g.pick(data.TOPICS)} {g.rng.randrange(100)}"),
+               f"{g.phrase()}, {word}")
+    n = sum(matches(word, r["title"], r["content"]) for r in g.state["notes"]["notes"].values())
+    return TaskSpec(
+        f'How many of my notes mention "{word}"?',
+        [f"{PAGED}ns = apis.notes.search_notes(@notes query={q(word)})\n"
+         "apis.supervisor.complete_task(answer=len(ns))"],
+        [], [], answer=n)
+
+
+def total_received(g: Gen) -> TaskSpec:
+    p, db = g.contact(), g.state["payments"]["transactions"]
+    for _ in range(_many(g)):
+        g.add("payments", "transactions", "transaction_id", sender_name=p["name"],
+              receiver_name=g.sup["name"], amount=g.amount(), description=g.word(),
+              created_at="2024-05-14T12:00:00")
+    total = sum(t["amount"] for t in db.values() if t["receiver_name"] == g.sup["name"]
+                and matches(p["name"], t["description"], t["sender_name"], t["receiver_name"]))
+    return TaskSpec(
+        f'How much money has "{p["name"]}" sent me in total?',
+        [f"{PAGED}ts = apis.payments.search_transactions(@payments query={q(p['name'])}, "
+         'direction="received")\n'
+         'apis.supervisor.complete_task(answer=sum(t["amount"] for t in ts))'],
+        [], [], answer=total)
+
+
 TINY_SCENARIOS = (
-    Scenario("text_contact", ("phone",), 1, text_contact),
+    Scenario("balance_question", ("payments",), 1, balance_question),
     Scenario("contact_phone", ("phone",), 1, contact_phone),
+    Scenario("last_text", ("phone",), 1, last_text),
+    Scenario("count_texts", ("phone",), 2, count_texts),
+    Scenario("count_notes", ("notes",), 2, count_notes),
+    Scenario("total_received", ("payments",), 2, total_received),
+    Scenario("text_balance", ("payments", "phone"), 2, text_balance, challenge=True),
+    Scenario("pay_text_amount", ("payments", "phone"), 3, pay_text_amount, challenge=True),
+)
+BASIC_SCENARIOS = TINY_SCENARIOS + (
+    Scenario("contact_email", ("phone",), 1, contact_email),
+    Scenario("note_question", ("notes",), 1, note_question),
+    Scenario("pay_contact", ("payments",), 1, pay_contact),
+    Scenario("text_contact", ("phone",), 1, text_contact),
     Scenario("add_contact", ("phone",), 1, add_contact),
     Scenario("create_note", ("notes",), 1, create_note),
     Scenario("delete_note", ("notes",), 1, delete_note),
-    Scenario("note_question", ("notes",), 1, note_question),
-    Scenario("pay_contact", ("payments",), 1, pay_contact),
     Scenario("request_money", ("payments",), 1, request_money),
-    Scenario("balance_question", ("payments",), 1, balance_question),
     Scenario("pay_note_amount", ("notes", "payments"), 2, pay_note_amount),
     Scenario("text_note_content", ("notes", "phone"), 2, text_note_content),
-    Scenario("text_balance", ("payments", "phone"), 2, text_balance, challenge=True),
-    Scenario("pay_text_amount", ("payments", "phone"), 3, pay_text_amount, challenge=True),
 )

@@ -1,0 +1,102 @@
+"""miniworld-tiny rewards behaviour: the careless scripted agents that the warm start imitates fail
+where the careful ones succeed, for the reason each habit names; and the behaviour measures read
+those habits back from an episode's code."""
+
+import numpy as np
+import pytest
+
+from loopjax import warmstart
+from loopjax.envs import demonstration, ground_truth, list_tasks, make_env
+from loopjax.envs.miniworld.scenario import V1_NAMES
+from loopjax.rollout.collector import behaviour
+
+WORLD = "miniworld-tiny"
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = make_env(WORLD)
+    yield e
+    e.close()
+
+
+def _play(env, task, turns):
+    env.reset(task)
+    outs = [env.step(run).output for _, run in turns]
+    return env.evaluate(), outs
+
+
+def _tasks(split, every):
+    return list_tasks(WORLD, split)[::every]
+
+
+def test_careful_agent_is_the_ground_truth_and_looks_up_docs_first():
+    for task in _tasks("train", 7) + _tasks("dev", 2):
+        turns = demonstration(task, WORLD)
+        assert [w for w, _ in turns] == [r for _, r in turns] == ground_truth(task, WORLD)
+        assert turns[0][0].startswith("print(apis.api_docs.show_api_descriptions(app_name=")
+
+
+def test_without_lookup_the_agent_writes_first_version_names_that_fail_today(env):
+    old = {f"apis.{app}.{name}(" for (app, _), name in V1_NAMES.items()}
+    for task in _tasks("train", 5) + _tasks("test_normal", 1):
+        turns = demonstration(task, WORLD, lookup=False)
+        written = "\n".join(w for w, _ in turns)
+        assert "api_docs" not in written and any(o in written for o in old), (task, written)
+        # Run as written (not as recorded against the first version), it never succeeds: the
+        # first call of an outdated name is a 404 that points at the docs.
+        env.reset(task)
+        outs = [env.step(w).output for w, _ in turns]
+        assert not env.evaluate().success, (task, outs)
+        assert any("unknown api" in o and "show_api_descriptions" in o for o in outs), outs
+
+
+def test_without_paging_the_answer_is_wrong_exactly_when_it_is_past_the_first_page(env):
+    paged = [t for t in list_tasks(WORLD, "train") if "page_index" in "".join(ground_truth(t, WORLD))]
+    assert {t.split(".")[0] for t in paged} == {"count_texts", "count_notes", "total_received"}
+    right = []
+    for task in paged[::2]:
+        careful, _ = _play(env, task, demonstration(task, WORLD))
+        assert careful.success, task
+        first_page, _ = _play(env, task, demonstration(task, WORLD, paging=False))
+        right.append(first_page.success)
+    # 1-12 records were added per task (besides the base state's) and a page holds 5: some first
+    # pages hold the whole answer, most do not (measured: 12 of 60 here).
+    assert 0.1 < np.mean(right) < 0.6, np.mean(right)
+
+
+def test_scripted_agents_mix_habits_at_the_requested_share():
+    tasks = list_tasks(WORLD, "train")
+    demo = warmstart.scripted_agents(WORLD, 0.3, seed=0)
+    looked = [demo(t)[0][0][0].startswith("print(apis.api_docs") for t in tasks]
+    assert 0.25 < np.mean(looked) < 0.35
+    assert demo(tasks[3]) == warmstart.scripted_agents(WORLD, 0.3, seed=0)(tasks[3])  # seeded
+    assert all(demo_t[1] for demo_t in map(warmstart.scripted_agents(WORLD, 1.0, 0), tasks[:20]))
+    with pytest.raises(ValueError, match="demo_careful"):
+        warmstart.scripted_agents(WORLD, 1.5, 0)
+
+
+def test_behaviour_measures_read_the_habits_from_code():
+    def turns(*codes):
+        return [{"code": c, "output": ""} for c in codes]
+    b = behaviour(turns('print(apis.api_docs.show_api_descriptions(app_name="notes"))',
+                        'ns, page = [], 0\nwhile got := apis.notes.search_notes(query="x", '
+                        'page_index=page):\n    ns, page = ns + got, page + 1\n'
+                        'apis.supervisor.complete_task(answer=len(ns))'))
+    assert b == {"doc_lookups": 1, "paginated": True, "answered_without_lookup": False}
+    blind = behaviour(turns("apis.supervisor.complete_task(answer=12)"))
+    assert blind == {"doc_lookups": 0, "paginated": False, "answered_without_lookup": True}
+    # A state read in an earlier turn counts as a lookup; one after the answer does not.
+    assert not behaviour(turns("x = apis.notes.search_notes(query='a')",
+                               "apis.supervisor.complete_task(answer=3)"))["answered_without_lookup"]
+    assert behaviour(turns("apis.supervisor.complete_task(answer=3)\n"
+                           "apis.notes.search_notes(query='a')"))["answered_without_lookup"]
+
+
+def test_rft_baseline_keeps_only_solved_rollouts_with_advantage_one():
+    from loopjax.loop.advantages import advantages, keep_mask
+    rewards = np.array([[1.0, 0.5, 0.0, 1.0], [0.2, 0.2, 0.2, 0.2]], np.float32)
+    adv = np.asarray(advantages(rewards, "rft"))
+    np.testing.assert_array_equal(adv, [[1, 0, 0, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(keep_mask(adv.ravel())),
+                                  [True, False, False, True] + [False] * 4)
