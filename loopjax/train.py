@@ -24,7 +24,7 @@ from loopjax import eval as evaluation, multihost
 from loopjax.checkpoint import Checkpointer, abstract_like, set_aside
 from loopjax.config import TrainConfig
 from loopjax.envs import ground_truth, list_tasks, make_env
-from loopjax.loop.advantages import advantages
+from loopjax.loop.advantages import advantages, keep_mask
 from loopjax.loop.epochs import run_iteration
 from loopjax.loop.update import init_train_state, make_optimizer, make_update_step
 from loopjax.metrics import MetricsWriter, Timer, progress
@@ -221,7 +221,8 @@ class Trainer:
             "train/generated_tokens": np.mean([r["num_generated"] for r in records]),
             "train/episodes_cut": stats["cut"], "train/env_failures": len(failed),
             "adv/mean": adv.mean(), "adv/abs_mean": np.abs(adv).mean(), "adv/std": adv.std(),
-            "adv/filtered_share": np.mean(np.abs(adv) < c.update.adv_min_abs),
+            "adv/filtered_share": 1.0 - np.mean(np.asarray(keep_mask(
+                adv, c.update.adv_min_abs, c.update.adv_positive_only))),
             "update/steps": len(history),
             "time/iteration_collect_s": collect_s, "time/iteration_update_s": update_s,
             "time/iteration_generate_s": stats["generate_s"],
