@@ -1,5 +1,5 @@
-"""The paper's Table 1 on miniworld-tiny: LOOP variants, RLOO, GRPO, RFT, the warm start, and a
-ceiling, over seeds.
+"""The paper's Table 1 on miniworld-tiny: LOOP variants, RLOO, GRPO, RFT, the warm start, and SFT
+on careful demonstrations only, over seeds.
 
     python benchmarks/ablation.py                       # seeds 0 1 2, the default run per variant
     python benchmarks/ablation.py --seeds 1 --variants "LOOP (token)" RFT -- --iterations=8
@@ -8,7 +8,7 @@ Per seed, every variant starts from the very same warm start, as in the paper: o
 --iterations=0 trains the tokenizer, the SFT policy and evaluates it; each variant's run folder
 then gets a copy of that run's tokenizer and step-0 checkpoint and continues it with --resume, so
 the variants differ only in their update settings. Two rows are not LOOP runs: "warm start" is
-that shared policy itself, and "careful SFT (ceiling)" is a warm start on demonstrations of
+that shared policy itself, and "careful SFT (no RL)" is a warm start on demonstrations of
 careful agents only (--demo_careful=1.0), which no real user has. Prints the table (mean and
 min-max over seeds of TGC on dev + test_normal, test_normal and test_challenge) and one JSON line.
 """
@@ -85,7 +85,7 @@ def main():
         if not args.no_ceiling:
             ceiling = appworld_loop.main([f"--seed={seed}", f"--run_dir={root}/careful_sft",
                                           *args.overrides, "--demo_careful=1.0", "--iterations=0"])
-            rows.setdefault("careful SFT (ceiling)", []).append(scores(ceiling["before"]))
+            rows.setdefault("careful SFT (no RL)", []).append(scores(ceiling["before"]))
     table = {name: {k: {"mean": float(np.mean([r[k] for r in rs])),
                         "min": float(np.min([r[k] for r in rs])),
                         "max": float(np.max([r[k] for r in rs])),
