@@ -13,7 +13,6 @@ import json
 import types
 import typing
 
-from loopjax.loop.advantages import BASELINES
 from loopjax.loop.epochs import EpochConfig
 from loopjax.loop.update import UpdateConfig
 from loopjax.models.lora import LoraConfig
@@ -59,9 +58,7 @@ class TrainConfig:
     tasks_per_iteration: int = 16  # G tasks sampled from the train split per iteration
     rollouts_per_task: int = 6  # K rollouts of each task
     temperature: float = 1.0  # sampling temperature of training rollouts
-    baseline: str = "leave_one_out"  # leave_one_out | leave_none_out | rft (own successes, A = 1)
-    normalize_std: bool = False  # divide advantages by the task's reward std (GRPO / RwNorm)
-    update: UpdateConfig = UpdateConfig()
+    update: UpdateConfig = UpdateConfig()  # the LOOP objective's knobs (baseline, filter, clip) too
     epochs: EpochConfig = EpochConfig()
     # --- episodes
     max_interactions_train: int = 40  # agent turns per training episode
@@ -88,8 +85,6 @@ class TrainConfig:
         if self.rollouts_per_task < 2:
             raise ValueError(f"rollouts_per_task must be >= 2 for a leave-one-out baseline, got "
                              f"{self.rollouts_per_task}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline {self.baseline!r} must be one of {BASELINES}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start {self.warm_start!r} must be one of {WARM_STARTS}")
         if not 0.0 <= self.demo_careful <= 1.0:
@@ -151,8 +146,15 @@ def _parse(value: str, tp):
     raise ValueError(f"cannot parse {value!r} as {tp}")
 
 
+# Top-level spellings of fields that live in a nested config: `--baseline=rft` (README,
+# benchmarks/ablation.py) is `--update.baseline=rft`, where all of LOOP's math knobs are.
+ALIASES = {"baseline": "update.baseline", "normalize_std": "update.normalize_std"}
+
+
 def override(config, dotted: str, value: str, _path: str = ""):
     """A copy of `config` with one (possibly nested) field set from its CLI string."""
+    if not _path and isinstance(config, TrainConfig):
+        dotted = ALIASES.get(dotted, dotted)
     head, _, rest = dotted.partition(".")
     full = _path + dotted
     hints = typing.get_type_hints(type(config))

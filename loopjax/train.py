@@ -24,7 +24,7 @@ from loopjax import eval as evaluation, multihost
 from loopjax.checkpoint import Checkpointer, abstract_like, set_aside
 from loopjax.config import TrainConfig
 from loopjax.envs import ground_truth, list_tasks, make_env
-from loopjax.loop.advantages import advantages, keep_mask
+from loopjax.loop import advantages, keep_mask, split_params
 from loopjax.loop.epochs import run_iteration
 from loopjax.loop.update import init_train_state, make_optimizer, make_update_step
 from loopjax.metrics import MetricsWriter, Timer, progress
@@ -94,8 +94,7 @@ class Trainer:
 
     @property
     def params_lora(self):
-        s = self.state
-        return (s.trainable, None) if s.base is None else (s.base, s.trainable)
+        return split_params(self.state.trainable, self.state.base)
 
     def rollouts(self, task_ids, groups, *, limits, key, temperature, desc, straggler=True):
         """Episodes of (task, group) pairs; every process gets all records, in request order."""
@@ -199,15 +198,12 @@ class Trainer:
             log.warning("%d rollouts dropped for environment failures, e.g. %s", len(failed),
                         failed[0]["env_failure"])
             records = [r for r in records if not r.get("env_failure")]
-        # Leave-one-out within each task, over the rollouts that finished (>= 2 needed).
-        groups = {}
-        for i, r in enumerate(records):
-            groups.setdefault(r["group"], []).append(i)
-        adv = np.zeros(len(records), np.float32)
-        for idx in groups.values():
-            if len(idx) >= 2:
-                rewards = np.array([[records[i]["reward"] for i in idx]], np.float32)
-                adv[idx] = np.asarray(advantages(rewards, c.baseline, c.normalize_std))[0]
+        # Leave-one-out within each task, over the rollouts that finished (a task left with one
+        # rollout has no baseline: A = 0).
+        u = c.update
+        adv = np.asarray(advantages(np.array([r["reward"] for r in records], np.float32),
+                                    u.baseline, u.normalize_std,
+                                    group_ids_N=np.array([r["group"] for r in records], np.int32)))
         t0 = time.perf_counter()
         with self.timer("update"):
             self.state, history = run_iteration(
@@ -221,8 +217,7 @@ class Trainer:
             "train/generated_tokens": np.mean([r["num_generated"] for r in records]),
             "train/episodes_cut": stats["cut"], "train/env_failures": len(failed),
             "adv/mean": adv.mean(), "adv/abs_mean": np.abs(adv).mean(), "adv/std": adv.std(),
-            "adv/filtered_share": 1.0 - np.mean(np.asarray(keep_mask(
-                adv, c.update.adv_min_abs, c.update.adv_positive_only))),
+            "adv/filtered_share": 1.0 - np.mean(keep_mask(adv, u.adv_min_abs, u.adv_positive_only)),
             "update/steps": len(history),
             "time/iteration_collect_s": collect_s, "time/iteration_update_s": update_s,
             "time/iteration_generate_s": stats["generate_s"],

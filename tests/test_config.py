@@ -23,7 +23,7 @@ def test_paper_preset_matches_the_paper():
         32, 0.1, "reference", "token", False)
     assert set(u.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                    "down_proj"}
-    assert (c.epochs.epochs_per_iteration, c.temperature, c.baseline, c.normalize_std) == (
+    assert (c.epochs.epochs_per_iteration, c.temperature, u.baseline, u.normalize_std) == (
         2, 1.0, "leave_one_out", False)
     assert (c.max_interactions_train, c.max_interactions_eval, c.max_new_tokens, c.max_obs_tokens,
             c.max_seq_len) == (40, 50, 1500, 3000, 32768)
@@ -37,12 +37,20 @@ def test_overrides_parse_by_field_type():
     assert c.epochs.buckets == (128, 256, 512) and c.overlap_env is False and c.resume is True
 
 
+def test_loop_math_knobs_keep_their_top_level_spelling():
+    """--baseline and --normalize_std (README, benchmarks/ablation.py) set UpdateConfig's fields."""
+    c = resolve(["--baseline=leave_none_out", "--normalize_std=true"])
+    assert (c.update.baseline, c.update.normalize_std) == ("leave_none_out", True)
+    assert resolve(["--update.baseline=rft"]).update.baseline == "rft"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--no_such_option=1"], "unknown option --no_such_option"),
     (["--update.no_such=1"], "unknown option --update.no_such"),
     (["--iterations=many"], "--iterations=many"),
     (["--rollouts_per_task=1"], "rollouts_per_task must be >= 2"),
     (["--update.clip_form=sideways"], "clip_form"),
+    (["--baseline=mean"], "baseline 'mean' must be one of"),
     (["--max_seq_len=4096"], "largest update bucket"),
     (["positional"], "unexpected argument"),
     (["--temperature=0.7", "--update.temperature=0.5"], "set --temperature only"),

@@ -94,7 +94,7 @@ def test_behaviour_measures_read_the_habits_from_code():
 
 
 def test_rft_baseline_keeps_only_solved_rollouts_with_advantage_one():
-    from loopjax.loop.advantages import advantages, keep_mask
+    from loopjax.loop import advantages, keep_mask
     rewards = np.array([[1.0, 0.5, 0.0, 1.0], [0.2, 0.2, 0.2, 0.2]], np.float32)
     adv = np.asarray(advantages(rewards, "rft"))
     np.testing.assert_array_equal(adv, [[1, 0, 0, 1], [0, 0, 0, 0]])

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopjax.loop.advantages import advantages, keep_mask
-from loopjax.loop.losses import policy_loss
+from loopjax.loop import advantages, keep_mask, policy_loss
 
 # --------------------------------------------------------------------------- NumPy references
 
@@ -17,19 +16,31 @@ from loopjax.loop.losses import policy_loss
 def ref_advantages(rewards, baseline, normalize_std):
     rewards = np.asarray(rewards, np.float64)
     G, K = rewards.shape
-    out = np.zeros((G, K))
-    for g in range(G):
-        for k in range(K):
+    return ref_ragged_advantages(rewards.reshape(-1), np.repeat(np.arange(G), K), baseline,
+                                 normalize_std).reshape(G, K)
+
+
+def ref_ragged_advantages(rewards_N, group_ids_N, baseline, normalize_std):
+    """Loops over groups and their members; a group of one rollout gets A = 0."""
+    out = np.zeros(len(rewards_N))
+    for g in set(int(i) for i in group_ids_N):
+        members = [i for i in range(len(rewards_N)) if group_ids_N[i] == g]
+        R = [float(rewards_N[i]) for i in members]
+        K = len(R)
+        if K < 2:
+            continue
+        mean = sum(R) / K
+        std = math.sqrt(sum((r - mean) ** 2 for r in R) / K)
+        for k, i in enumerate(members):
+            if baseline == "rft":
+                out[i] = 1.0 if R[k] >= 1.0 else 0.0
+                continue
             if baseline == "leave_one_out":
-                others = [rewards[g, i] for i in range(K) if i != k]
-                out[g, k] = rewards[g, k] - sum(others) / (K - 1)
+                out[i] = R[k] - sum(R[j] for j in range(K) if j != k) / (K - 1)
             else:
-                out[g, k] = rewards[g, k] - sum(rewards[g]) / K
-        if normalize_std:
-            mean = sum(rewards[g]) / K
-            std = math.sqrt(sum((r - mean) ** 2 for r in rewards[g]) / K)
-            for k in range(K):
-                out[g, k] /= max(std, 1e-6)
+                out[i] = R[k] - mean
+            if normalize_std:
+                out[i] /= max(std, 1e-6)
     return out
 
 
@@ -210,6 +221,33 @@ class AdvantagesTest(chex.TestCase):
         grpo = self.variant(lambda r: advantages(r, "leave_none_out", True))(rewards)
         np.testing.assert_allclose(np.asarray(grpo), [[1, -1], [-1, 1], [0, 0]], atol=1e-5)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_ragged_groups_against_reference(self):
+        """Groups of 1, 2, 3 and 6 rollouts, interleaved, with gaps in the ids: the per-iteration
+        form train.py uses once stragglers are cut and failed environments dropped."""
+        rng = np.random.default_rng(1)
+        ids = np.array([7] * 6 + [2] * 3 + [0] + [4, 4] + [9] * 4 + [11], np.int32)
+        ids = ids[rng.permutation(len(ids))]
+        rewards = rng.random(len(ids)).astype(np.float32)
+        rewards[ids == 9] = 0.5  # all equal: A = 0 exactly, with and without normalize_std
+        rewards[ids == 4] = [1.0, 0.0]
+        rewards[np.flatnonzero(ids == 7)[:2]] = 1.0
+        for baseline in ("leave_one_out", "leave_none_out", "rft"):
+            for norm in (False, True):
+                got = self.variant(lambda r, g: advantages(r, baseline, norm, group_ids_N=g))(
+                    rewards, ids)
+                want = ref_ragged_advantages(rewards, ids, baseline, norm)
+                np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+                np.testing.assert_array_equal(np.asarray(got)[(ids == 0) | (ids == 11)], 0.0)
+                if baseline != "rft":
+                    np.testing.assert_array_equal(np.asarray(got)[ids == 9], 0.0)
+        # The GxK form is the ragged form with group ids 0..G-1, K each.
+        rewards_GxK = rng.random((4, 5)).astype(np.float32)
+        np.testing.assert_array_equal(
+            np.asarray(advantages(rewards_GxK)).reshape(-1),
+            np.asarray(advantages(rewards_GxK.reshape(-1), group_ids_N=np.repeat(np.arange(4), 5))))
+        self.assertEqual(advantages(np.zeros(0, np.float32), group_ids_N=np.zeros(0)).shape, (0,))
+
     def test_bad_input_errors(self):
         with pytest.raises(ValueError, match="K >= 2"):
             advantages(np.ones((3, 1)))
@@ -217,6 +255,8 @@ class AdvantagesTest(chex.TestCase):
             advantages(np.ones(6))
         with pytest.raises(ValueError, match="baseline"):
             advantages(np.ones((2, 2)), baseline="mean")
+        with pytest.raises(ValueError, match="same length"):
+            advantages(np.ones(6), group_ids_N=np.zeros(5, np.int32))
         with pytest.raises(ValueError, match="clip_form"):
             policy_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros(1), jnp.ones((1, 2)),
                         clip_form="both")
@@ -229,3 +269,7 @@ class AdvantagesTest(chex.TestCase):
         np.testing.assert_array_equal(keep_mask(adv), [0, 0, 0, 1, 1, 1])
         np.testing.assert_array_equal(keep_mask(adv, positive_only=True), [0, 0, 0, 1, 0, 1])
         np.testing.assert_array_equal(keep_mask(adv, min_abs=0.2), [0, 0, 0, 0, 1, 1])
+        # The same mask on the host: the batch planner and the train metrics get NumPy back.
+        host = keep_mask(np.asarray(adv), positive_only=True)
+        self.assertIsInstance(host, np.ndarray)
+        np.testing.assert_array_equal(host, [0, 0, 0, 1, 0, 1])

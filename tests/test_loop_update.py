@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopjax.loop.advantages import advantages
+from loopjax.loop import advantages
 from loopjax.loop.epochs import (EpochConfig, forward_rows, minibatch_plan, pack_minibatch,
                                  run_iteration)
-from loopjax.loop.update import Batch, UpdateConfig, init_train_state, make_update_step
+from loopjax.loop.update import (Batch, UpdateConfig, init_train_state, make_update_step,
+                                 split_params)
 from loopjax.models.config import ModelConfig
 from loopjax.models.transformer import forward, init_params, token_logprobs
 from loopjax.sharding import make_mesh
@@ -278,8 +279,7 @@ def sample(params, lora, key, num):
 
 
 def expected_reward(state):
-    _, _, _, mass = sample(state.params, None if state.base is None else state.trainable,
-                           jax.random.key(123), 1024)
+    _, _, _, mass = sample(*split_params(state.trainable, state.base), jax.random.key(123), 1024)
     return float(jnp.mean(mass))
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from loopjax.loop import update as update_module
 from loopjax.loop.epochs import pack_minibatch
-from loopjax.loop.update import UpdateConfig, init_train_state, make_update_step
+from loopjax.loop.update import (UpdateConfig, init_train_state, make_update_step,
+                                 split_params)
 from loopjax.models.lora import LoraConfig, init_lora
 from loopjax.models.transformer import init_params, token_logprobs
 from loopjax.sharding import make_mesh
@@ -61,7 +62,7 @@ def reference_grad(full_weights, level, positive_only):
     rollouts = _rollouts()
 
     def loss(trainable):
-        params, lora = (trainable, None) if base is None else (base, trainable)
+        params, lora = split_params(trainable, base)
         total = 0.0
         for r, a in zip(rollouts, ADV):
             if abs(a) < MIN_ABS or (positive_only and a <= 0):
@@ -78,7 +79,8 @@ def reference_grad(full_weights, level, positive_only):
             else:
                 total += _surrogate(jnp.sum(log_ratio), a)
         return -total / M
-    return jax.jit(jax.grad(loss))(trainable)
+    # On the host: a cached device array would outlive the test (test_loop_update.py counts them).
+    return jax.device_get(jax.jit(jax.grad(loss))(trainable))
 
 
 def _initial(full_weights):

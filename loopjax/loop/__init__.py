@@ -1,10 +1,13 @@
-"""The LOOP update: leave-one-out advantages, the clipped surrogate, the jitted update step, epochs."""
+"""LOOP: the objective (objective.py), the jitted update step (update.py), the epochs (epochs.py).
 
-from loopjax.loop.advantages import advantages, keep_mask
+    from loopjax.loop import advantages, keep_mask, policy_loss
+"""
+
 from loopjax.loop.epochs import EpochConfig, pack_minibatch, run_iteration
-from loopjax.loop.losses import policy_loss
+from loopjax.loop.objective import advantages, keep_mask, policy_loss
 from loopjax.loop.update import (Batch, TrainState, UpdateConfig, init_train_state,
-                                 make_update_step)
+                                 make_update_step, split_params)
 
 __all__ = ["advantages", "keep_mask", "policy_loss", "Batch", "TrainState", "UpdateConfig",
-           "init_train_state", "make_update_step", "EpochConfig", "pack_minibatch", "run_iteration"]
+           "init_train_state", "make_update_step", "split_params", "EpochConfig",
+           "pack_minibatch", "run_iteration"]

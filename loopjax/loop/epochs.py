@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from loopjax import multihost
+from loopjax.loop.objective import keep_mask, kl_stop
 from loopjax.loop.update import Batch, TrainState, UpdateStep
 from loopjax.sharding import data_parallel_size
 
@@ -129,11 +130,7 @@ def minibatch_plan(adv_N, lengths_N, key, *, minibatch_size: int, epochs: int, m
                    positive_only: bool) -> list[np.ndarray]:
     """Index arrays of each minibatch, over all epochs: signal-free rollouts dropped, reshuffled
     across tasks every epoch; the last minibatch of an epoch may be short (padded when packed)."""
-    adv_N = np.asarray(adv_N)
-    keep = np.abs(adv_N) >= min_abs
-    if positive_only:
-        keep &= adv_N > 0
-    kept = np.flatnonzero(keep)
+    kept = np.flatnonzero(keep_mask(np.asarray(adv_N), min_abs, positive_only))
     plan = []
     for key_e in jax.random.split(key, epochs):
         order = kept[np.asarray(jax.random.permutation(key_e, len(kept)))] if len(kept) else kept
@@ -187,7 +184,7 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
         if metrics["nan_skips"] > config.max_nan_skips:
             raise RuntimeError(f"{int(metrics['nan_skips'])} update steps had a non-finite loss or "
                                f"gradient (limit {config.max_nan_skips}); training is diverging")
-        if abs(metrics["kl_k1"]) > config.kl_stop:
+        if kl_stop(metrics["kl_k1"], config.kl_stop):
             metrics["stopped_on_kl"] = True
             break
     if bar is not None:

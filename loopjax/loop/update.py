@@ -7,12 +7,14 @@
 The frozen base weights live in `state.base` but never enter the jitted step's donated argument
 nor the optimizer: the step takes them as a separate, non-donated input and hands the same
 arrays back, so exactly one copy of the LLM exists. With `train_full_weights` the params are the
-trainable tree themselves and `state.base` is None.
+trainable tree themselves and `state.base` is None. The loss, the |A| filter and the guards are
+loopjax.loop.objective's; this file wires them to the model, the optimizer and the mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -22,8 +24,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from loopjax.loop.advantages import keep_mask
-from loopjax.loop.losses import clip_range, policy_loss, LEVELS
+from loopjax.loop.objective import (BASELINES, LEVELS, SUM_KEYS, clip_range, keep_mask,
+                                    loss_metrics, policy_loss, step_guard)
 from loopjax.models.config import ModelConfig
 from loopjax.models.lora import LoraConfig, init_lora
 from loopjax.models.transformer import token_logprobs
@@ -40,7 +42,9 @@ class UpdateConfig:
     learning_rate: float = 5e-5  # constant AdamW learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     max_grad_norm: float = 0.1  # global-norm clip (reference code 0.1; the paper says 1.0)
-    adv_min_abs: float = 0.01  # rollouts with |A| below this get weight 0
+    baseline: str = "leave_one_out"  # leave_one_out | leave_none_out | rft (own successes, A = 1)
+    normalize_std: bool = False  # divide advantages by the task's reward std (GRPO / RwNorm)
+    adv_min_abs: float = 0.01  # rollouts with |A| below this are dropped (weight 0)
     adv_positive_only: bool = False  # also drop rollouts with A <= 0
     temperature: float = 1.0  # sampling temperature the behaviour log-probs were taken at
     remat: bool | None = None  # override ModelConfig.remat (per-layer rematerialization); None = keep
@@ -53,6 +57,8 @@ class UpdateConfig:
     def __post_init__(self):
         if self.level not in LEVELS:
             raise ValueError(f"level {self.level!r} must be one of {LEVELS}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline {self.baseline!r} must be one of {BASELINES}")
         clip_range(self.clip_eps, self.clip_form)  # validates clip_form and clip_eps
         mb = self.microbatch_size or self.minibatch_size
         if self.minibatch_size <= 0 or mb <= 0 or self.minibatch_size % mb:
@@ -111,7 +117,13 @@ class TrainState:
     @property
     def params(self):
         """The model params the forward pass uses."""
-        return self.trainable if self.base is None else self.base
+        return split_params(self.trainable, self.base)[0]
+
+
+def split_params(trainable, base):
+    """(params, lora) for the forward pass: the frozen base and the adapter, or, with
+    train_full_weights (base None), the trained params themselves and no adapter."""
+    return (trainable, None) if base is None else (base, trainable)
 
 
 def make_optimizer(config: UpdateConfig) -> optax.GradientTransformation:
@@ -160,16 +172,10 @@ def _microbatches(batch: Batch, num: int, mesh) -> Batch:
     return jax.tree.map(split, batch)
 
 
-_SUM_KEYS = ("num_clipped", "num_units", "k3_sum", "num_tokens", "num_rollouts")
-
-
 def rollout_logprobs(model_config, config, trainable, base, mb: Batch):
     """logp_new_BxT: the learner's log-prob of each token of the microbatch's rollouts (one per
     row), read out of its packed forward rows; `mb` is one microbatch as `_microbatches` cuts it."""
-    if base is None:
-        params, lora = trainable, None
-    else:
-        params, lora = base, trainable
+    params, lora = split_params(trainable, base)
     logp_RxT = token_logprobs(model_config, params, mb.tokens_RxT, positions_BxT=mb.positions_RxT,
                               segment_ids_BxT=mb.segment_ids_RxT, lora=lora,
                               temperature=config.temperature)
@@ -180,45 +186,41 @@ def rollout_logprobs(model_config, config, trainable, base, mb: Batch):
     return jnp.take(logp_RxT.reshape(-1), src_BxT, mode="clip")
 
 
-def _loss_fn(model_config, config, trainable, base, mb: Batch):
+def _loss_fn(model_config, config, base, trainable, mb: Batch):
+    """(loss, the sums of SUM_KEYS) of one microbatch; filtered rollouts get weight 0."""
     logp_new_BxT = rollout_logprobs(model_config, config, trainable, base, mb)
     weight_B = mb.weight_B * keep_mask(mb.adv_B, config.adv_min_abs, config.adv_positive_only)
     mask_BxT = mb.mask_BxT & (weight_B[:, None] > 0)
     loss, aux = policy_loss(logp_new_BxT, mb.logp_old_BxT, mb.adv_B, mask_BxT, level=config.level,
                             clip_eps=config.clip_eps, clip_form=config.clip_form,
                             turn_ids_BxT=mb.turn_ids_BxT, loss_denominator=config.minibatch_size)
-    sums = {k: aux[k] for k in _SUM_KEYS}
-    sums["log_w_sum"] = jnp.sum(aux["log_w_B"])
-    return loss, sums
+    return loss, {k: aux[k] for k in SUM_KEYS}
 
 
 def _step(model_config, config, optimizer, mesh, state: TrainState, base, batch: Batch):
-    """Gradient accumulation over microbatches, then one guarded AdamW step."""
-    grad_fn = jax.value_and_grad(
-        lambda tr, mb: _loss_fn(model_config, config, tr, base, mb), has_aux=True)
+    """One optimizer step on a minibatch: loss and metrics from loopjax.loop.objective."""
+    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model_config, config, base),
+                                 has_aux=True)
 
+    # --- the gradient of the minibatch, summed over its microbatches (each divides by M)
     def accumulate(carry, mb):
-        grads_acc, loss_acc, sums_acc = carry
         (loss, sums), grads = grad_fn(state.trainable, mb)
-        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-        sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
-        return (grads_acc, loss_acc + loss, sums_acc), None
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        return jax.tree.map(jnp.add, carry, (grads, loss, sums)), None
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
-    zero_sums = {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS + ("log_w_sum",)}
-    (grads, loss, sums), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.zeros((), jnp.float32), zero_sums),
-        _microbatches(batch, config.num_microbatches, mesh))
+    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32),
+                         (state.trainable, 0.0, dict.fromkeys(SUM_KEYS, 0.0)))
+    (grads, loss, sums), _ = jax.lax.scan(accumulate, zeros,
+                                          _microbatches(batch, config.num_microbatches, mesh))
 
-    # --- guards: a non-finite loss/gradient or (optionally) an outlier gradient norm skips the step.
+    # --- guards: a non-finite loss/gradient or (optionally) an outlier gradient norm skips the step
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    count, mean, m2 = state.gnorm_count, state.gnorm_mean, state.gnorm_m2
-    std = jnp.sqrt(m2 / jnp.maximum(count - 1, 1))
-    outlier = (config.skip_outlier_grads & (count >= config.outlier_warmup)
-               & (grad_norm > mean + config.outlier_sigma * std))
-    apply = finite & ~outlier
+    (apply, finite, outlier), (count, mean, m2) = step_guard(
+        loss, grad_norm, state.gnorm_count, state.gnorm_mean, state.gnorm_m2,
+        skip_outliers=config.skip_outlier_grads, sigma=config.outlier_sigma,
+        warmup=config.outlier_warmup)
 
+    # --- one AdamW step (global-norm clipped), or none
     def do_apply(args):
         trainable, opt_state = args
         grads_cast = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
@@ -227,27 +229,16 @@ def _step(model_config, config, optimizer, mesh, state: TrainState, base, batch:
 
     trainable, opt_state = jax.lax.cond(apply, do_apply, lambda args: args,
                                         (state.trainable, state.opt_state))
-    new_count = count + 1
-    delta = grad_norm - mean
-    new_mean = mean + delta / new_count
-    new_m2 = m2 + delta * (grad_norm - new_mean)
-    new_state = state.replace(
+    state = state.replace(
         step=state.step + apply.astype(jnp.int32), trainable=trainable, opt_state=opt_state,
         nan_skips=state.nan_skips + (~finite).astype(jnp.int32),
         outlier_skips=state.outlier_skips + (finite & outlier).astype(jnp.int32),
-        gnorm_count=jnp.where(apply, new_count, count), gnorm_mean=jnp.where(apply, new_mean, mean),
-        gnorm_m2=jnp.where(apply, new_m2, m2))
-
-    n_roll = sums["num_rollouts"]
-    metrics = dict(
-        loss=loss, grad_norm=grad_norm, applied=apply, nan_skipped=~finite,
-        outlier_skipped=finite & outlier,
-        clip_fraction=sums["num_clipped"] / jnp.maximum(sums["num_units"], 1),
-        kl_k1=-sums["log_w_sum"] / jnp.maximum(n_roll, 1),
-        kl_k3=sums["k3_sum"] / jnp.maximum(sums["num_tokens"], 1),
-        num_rollouts=n_roll, num_tokens=sums["num_tokens"], step=new_state.step,
-        nan_skips=new_state.nan_skips, outlier_skips=new_state.outlier_skips)
-    return new_state, metrics
+        gnorm_count=count, gnorm_mean=mean, gnorm_m2=m2)
+    metrics = dict(loss=loss, grad_norm=grad_norm, applied=apply, nan_skipped=~finite,
+                   outlier_skipped=finite & outlier, **loss_metrics(sums),
+                   num_rollouts=sums["num_rollouts"], num_tokens=sums["num_tokens"],
+                   step=state.step, nan_skips=state.nan_skips, outlier_skips=state.outlier_skips)
+    return state, metrics
 
 
 class UpdateStep:
