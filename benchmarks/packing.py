@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.appworld_loop import resolve  # noqa: E402
 from loopjax import train  # noqa: E402
-from loopjax.loop.advantages import advantages  # noqa: E402
+from loopjax.loop import advantages  # noqa: E402
 from loopjax.loop.epochs import run_iteration  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main():
                                       temperature=config.temperature, desc=f"rollouts {it}",
                                       straggler=False)  # all G x K, in order
         rewards = np.array([r["reward"] for r in records], np.float32).reshape(G, K)
-        adv = np.asarray(advantages(rewards, config.baseline, config.normalize_std)).reshape(-1)
+        adv = np.asarray(advantages(rewards, config.update.baseline, config.update.normalize_std)).reshape(-1)
         work.append((records, adv))
     lengths = [len(r["tokens"]) for records, _ in work for r in records]
 

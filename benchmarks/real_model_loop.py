@@ -124,7 +124,7 @@ def loop(args, overrides: list[str]) -> dict:
     from loopjax import report, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%H:%M:%S", force=True)  # an import above configured the root
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = resolve(["--preset", "miniworld-smollm2", *overrides])
     from loopjax.models.hf_io import load_hf_checkpoint  # noqa: F401 (fails early without the wheel)

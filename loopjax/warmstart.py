@@ -20,6 +20,7 @@ import optax
 
 from loopjax.agent import format_code_turn, format_observation, react_messages
 from loopjax.envs import demonstration, ground_truth
+from loopjax.loop.update import split_params
 from loopjax.models.transformer import token_logprobs
 from loopjax.rollout.collector import Episode, EpisodeLimits, _reset, _step
 
@@ -111,7 +112,7 @@ def make_sft_step(model_config, optimizer):
     """Jitted step: mean negative log-likelihood of the output tokens of a packed batch."""
 
     def loss_fn(trainable, base, batch: Rows):
-        params, lora = (trainable, None) if base is None else (base, trainable)
+        params, lora = split_params(trainable, base)
         logp = token_logprobs(model_config, params, batch.tokens_BxT, positions_BxT=batch.positions_BxT,
                               segment_ids_BxT=batch.segment_ids_BxT, lora=lora)
         return -jnp.sum(logp * batch.mask_BxT) / jnp.maximum(jnp.sum(batch.mask_BxT), 1.0)

@@ -236,5 +236,5 @@ def test_smollm2_preset_resolves():
 
     c = resolve(["--preset", "miniworld-smollm2"])
     assert (c.model, c.compact_prompt, c.update.train_full_weights, c.update.lora.rank) == (
-        "smollm2", False, False, 16)
+        "smollm2", True, False, 16)
     assert len(c.update.lora.targets) == 7 and c.epochs.buckets[-1] >= c.max_seq_len
