@@ -1,6 +1,8 @@
-"""The main job end to end on a very small configuration: run folder, bounded compiles, and
-SIGKILL at random moments + --resume giving the same metrics as an uninterrupted run."""
+"""The main job end to end on a very small configuration: LOOP update steps on real miniworld
+rewards, run folder, bounded compiles, SIGKILL at random moments + --resume giving the same
+metrics as an uninterrupted run, and the RFT warm start and `adv_positive_only` in a run."""
 
+import dataclasses
 import json
 import os
 import random
@@ -17,14 +19,21 @@ import orbax.checkpoint as ocp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Small enough for CI: a 1-layer model, 4 tasks x 2 rollouts, 10 iterations (long enough that
-# each attempt of the kill test is still running when it is killed); overlap off and no
-# straggler cut so that batches do not depend on timing (resume equivalence needs that).
-SMOKE = ["--scratch.hidden_size=32", "--scratch.num_layers=1", "--scratch.intermediate_size=64",
-         "--scratch.head_dim=16", "--tasks_per_iteration=4", "--rollouts_per_task=2",
-         "--iterations=10", "--sft_steps=4", "--sft_rows=2", "--max_eval_tasks=3",
-         "--final_splits=dev", "--update.minibatch_size=8", "--eval_every=2",
-         "--overlap_env=false", "--straggler_fraction=1.0", "--env_workers=2"]
+# Small enough for CI, and a policy whose rollouts of one task earn different rewards (so LOOP
+# takes update steps): a 2-layer, 64-wide model, SFT for 250 steps x 4 rows on the dev split's 36
+# tasks (train_split=dev: held-out evaluation is on test_normal), 6 tasks x 4 rollouts at
+# temperature 0.7, 10 iterations (long enough that each attempt of the kill test is still running
+# when it is killed). Measured with seed 0 (the default): iteration 0's 6 tasks had 2 with mixed
+# rewards (contact_phone 1/1/0.5/1, balance_question 0.5/0.5/0.5/1), iteration 1's had 1; at 150
+# steps x 2 rows or 100 x 4 at lr 1e-2 no task's rollouts differed. Overlap off and no straggler
+# cut so that batches do not depend on timing (resume equivalence needs that); every checkpoint
+# kept so that each iteration's update can be compared with the one before.
+SMOKE = ["--scratch.hidden_size=64", "--scratch.num_layers=2", "--scratch.intermediate_size=128",
+         "--scratch.head_dim=16", "--train_split=dev", "--tasks_per_iteration=6",
+         "--rollouts_per_task=4", "--temperature=0.7", "--iterations=10", "--sft_steps=250",
+         "--sft_rows=4", "--max_eval_tasks=3", "--final_splits=test_normal",
+         "--eval_split=test_normal", "--update.minibatch_size=8", "--eval_every=2",
+         "--keep_checkpoints=11", "--overlap_env=false", "--straggler_fraction=1.0", "--env_workers=2"]
 
 
 def _env():
@@ -81,19 +90,20 @@ def test_run_folder_and_table(reference_run):
         for key in ("train/reward", "train/success", "adv/filtered_share", "train/doc_lookups",
                     "train/code_error_rate", "train/turns"):
             assert key in m, key
-    assert "eval/dev/tgc" in metrics[2] and "eval/dev/sgc" in metrics[10]
+    assert "eval/test_normal/tgc" in metrics[2] and "eval/test_normal/sgc" in metrics[10]
 
 
 def test_fresh_run_in_an_old_folder_sets_its_checkpoints_aside(reference_run, tmp_path):
     run_dir = str(tmp_path / "again")
-    shutil.copytree(reference_run[0], run_dir)  # holds checkpoints 9 and 10 of a 10-iteration run
+    shutil.copytree(reference_run[0], run_dir)  # holds checkpoints 0-10 of a 10-iteration run
     # 3 iterations saving every 2nd (and the last): checkpoints 0 (before LOOP), 2 and 3 only.
     proc = subprocess.run(_cmd(run_dir, "--iterations=3", "--checkpoint_every=2",
                                "--keep_checkpoints=5", "--sft_steps=1"),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["0", "2", "3"]
-    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints.previous"))) == ["10", "9"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints.previous"))) == sorted(
+        str(i) for i in range(11))
     assert sorted(_metrics(run_dir)) == [0, 1, 2, 3]
 
 
@@ -104,18 +114,43 @@ def test_compiles_stay_bounded(reference_run):
     with open(os.path.join(run_dir, "config.json")) as f:
         buckets = json.load(f)["train"]["epochs"]["buckets"]
     # One update-step program per (bucket length, packed row count: a quarter of the minibatch at
-    # most 4) at most, however many steps ran (0 when every rollout of this tiny run was filtered
-    # for |A| < 0.01: this tiny policy's rollouts all score alike, so LOOP takes no step here;
-    # the update step itself is tested in test_loop_update.py and test_update_gradient.py).
+    # most 4) at most, however many steps ran; at least one, since this run takes update steps
+    # (test_loop_takes_update_steps_on_real_rewards).
     bound = 4 * len(buckets)
-    assert 0 <= summary["compiles"]["update"] <= bound
+    assert 1 <= summary["compiles"]["update"] <= bound
     # The sampler compiles per (row bucket, length bucket), log-bounded; 3 iterations + 3 evals
     # with different prompt lengths must not have compiled per call.
     assert sum(summary["compiles"]["sampler"].values()) <= 40
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         counts = [json.loads(l).get("compiles/update") for l in f]
     counts = [c for c in counts if c is not None]
-    assert counts == sorted(counts) and counts[-1] <= bound
+    assert counts == sorted(counts) and 1 <= counts[-1] <= bound
+
+
+def _moved(before, after) -> bool:
+    return any(not np.array_equal(a, b)
+               for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_loop_takes_update_steps_on_real_rewards(reference_run):
+    """Some task's rollouts earned different miniworld rewards, so LOOP kept rollouts with
+    |A| >= 0.01 and took update steps; each iteration's steps show in the step and skip counters
+    of its checkpoint, and the params move exactly in the iterations that applied a step."""
+    run_dir, *_ = reference_run
+    metrics = _metrics(run_dir)
+    steps = {it: metrics[it]["update/steps"] for it in range(1, 11)}
+    assert sum(steps.values()) > 0, [metrics[it]["adv/filtered_share"] for it in steps]
+    for it, n in steps.items():
+        if n:
+            assert metrics[it]["adv/abs_mean"] > 0 and metrics[it]["adv/filtered_share"] < 1, it
+    states = [_trained(run_dir, it) for it in range(11)]  # --keep_checkpoints=11: all of them
+    for it in steps:
+        before, after = states[it - 1], states[it]
+        applied = int(after["step"]) - int(before["step"])
+        skipped = sum(int(after[k]) - int(before[k]) for k in ("nan_skips", "outlier_skips"))
+        assert applied + skipped == steps[it], (it, applied, skipped)
+        assert _moved(before["trainable"], after["trainable"]) == (applied > 0), it
+    assert int(states[10]["step"]) > 0
 
 
 def _checkpoints(run_dir):
@@ -195,3 +230,86 @@ def _resumed_from(stderr_or_path):
     found = re.findall(r"resuming \S+ at iteration (\d+)", text)
     assert len(found) == 1, text[-3000:]
     return int(found[0])
+
+
+# ----------------------------------------------------------------------------- RFT, A > 0 only
+
+
+@pytest.fixture(scope="module")
+def trained_policy(reference_run, tmp_path_factory):
+    """The smoke run's final policy as a Hugging Face folder (weights and its tokenizer): a model
+    that already solves some tasks, which the RFT warm start needs (a random one solves none)."""
+    from loopjax.models.config import ModelConfig  # noqa: PLC0415
+    from loopjax.models.hf_io import save_hf_checkpoint  # noqa: PLC0415
+    run_dir, *_ = reference_run
+    out = str(tmp_path_factory.mktemp("policy"))
+    with open(os.path.join(run_dir, "model_config.json")) as f:
+        fields = json.load(f)
+    # Written as a llama config.json: a qwen2 one means q/k/v biases to Hugging Face loaders
+    # (loopjax's too), which the from-scratch model does not have; the math is the same.
+    model_config = dataclasses.replace(ModelConfig(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}), family="llama")
+    params = _trained(run_dir, 10)["trainable"]
+    save_hf_checkpoint(out, model_config, params)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    for name in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, name), out)
+    return out, params
+
+
+@pytest.fixture(scope="module")
+def rft_positive_run(trained_policy, tmp_path_factory):
+    """From the trained policy: the RFT warm start (one round of K rollouts per train task, a few
+    fine-tuning steps on the successes), then LOOP updating on A > 0 rollouts only, observed by
+    tests/recording_worker.py (what the fine-tuning and each iteration's epoch driver were given)."""
+    run_dir = str(tmp_path_factory.mktemp("rft"))
+    out = os.path.join(run_dir, "recorded.json")
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "recording_worker.py"), out, *SMOKE,
+           f"--run_dir={run_dir}", f"--model={trained_policy[0]}", "--warm_start=rft",
+           "--rft_rounds=1", "--sft_steps=10", "--update.adv_positive_only=true",
+           "--iterations=3", "--eval_every=0", "--keep_checkpoints=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        seen = json.load(f)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)["train"]
+    return run_dir, seen, config
+
+
+def test_rft_warm_start_trains_on_its_own_successes(trained_policy, rft_positive_run):
+    from loopjax.envs import list_tasks  # noqa: PLC0415
+    run_dir, seen, config = rft_positive_run
+    (sft,) = seen["sft"]  # one warm start, none of it on demonstrations
+    sampled = len(list_tasks(config["env"], config["train_split"])) * config["rollouts_per_task"]
+    records = sft["records"]
+    assert 0 < len(records) < sampled, (len(records), sampled)  # some solved, not every one
+    assert all(r["success"] and r["reward"] == 1.0 for r in records)
+    # Checkpoint 0 is the warm-started policy: the fine-tuning changed the loaded weights.
+    assert _moved(trained_policy[1], _trained(run_dir, 0)["trainable"])
+
+
+def test_adv_positive_only_updates_on_positive_advantages_only(rft_positive_run):
+    """Each epoch of each iteration updates on exactly the rollouts with A >= adv_min_abs (all of
+    them positive), while rollouts with A < 0 were there to be dropped; the advantages are the
+    leave-one-out ones of the rollouts' miniworld rewards."""
+    _, seen, config = rft_positive_run
+    epochs = config["epochs"]["epochs_per_iteration"]
+    min_abs = config["update"]["adv_min_abs"]
+    assert len(seen["iterations"]) == config["iterations"]
+    negative = kept = 0
+    for it in seen["iterations"]:
+        rewards, groups, adv = (np.array(it[k]) for k in ("rewards", "groups", "adv"))
+        for g in np.unique(groups):  # a task left with one rollout (env failure) has A = 0
+            r, n = rewards[groups == g], np.sum(groups == g)
+            want = n / (n - 1) * (r - r.mean()) if n > 1 else np.zeros(1)
+            np.testing.assert_allclose(adv[groups == g], want, atol=1e-6)
+        positive = int(np.sum(adv >= min_abs))
+        negative += int(np.sum(adv <= -min_abs))
+        updated = sum(it["num_rollouts"])
+        kept += updated
+        if it["stopped_on_kl"]:  # the KL stop may end an iteration before its last epoch
+            assert updated <= epochs * positive
+        else:
+            assert updated == epochs * positive, (updated, positive, adv)
+    assert kept > 0 and negative > 0, (kept, negative)
