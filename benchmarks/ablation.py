@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import appworld_loop  # noqa: E402
+from loopjax.eval import held_out_tgc  # noqa: E402
 
 # name -> overrides (ALGORITHM.md's table of variants)
 VARIANTS = {
@@ -37,7 +38,6 @@ VARIANTS = {
              "--update.minibatch_size=96"],
     "RFT": ["--baseline=rft"],
 }
-HELD_OUT = ("dev", "test_normal")
 
 
 def _copy_warm_start(warm: str, run_dir: str) -> None:
@@ -53,8 +53,7 @@ def _copy_warm_start(warm: str, run_dir: str) -> None:
 
 def scores(summary: dict) -> dict:
     """TGC on the held-out splits (dev + test_normal, task-weighted), test_normal, test_challenge."""
-    n = sum(summary[s]["num_tasks"] for s in HELD_OUT)
-    return {"held_out": sum(summary[s]["tgc"] * summary[s]["num_tasks"] for s in HELD_OUT) / n,
+    return {"held_out": held_out_tgc(summary),
             "test_normal": summary["test_normal"]["tgc"],
             "test_challenge": summary["test_challenge"]["tgc"]}
 

@@ -20,8 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import appworld_loop  # noqa: E402
-
-HELD_OUT = ("dev", "test_normal")
+from loopjax.eval import HELD_OUT, held_out_tgc  # noqa: E402
 
 
 def main():
@@ -39,10 +38,8 @@ def main():
             for split in summary[when]:
                 for k in ("tgc", "sgc", "reward"):
                     row[f"{when}/{split}/{k}"] = summary[when][split][k]
-        tasks = sum(summary["after"][s]["num_tasks"] for s in HELD_OUT)
         for when in ("before", "after"):  # task-weighted held-out success (dev + test_normal)
-            row[f"{when}/held_out_success"] = sum(
-                summary[when][s]["tgc"] * summary[when][s]["num_tasks"] for s in HELD_OUT) / tasks
+            row[f"{when}/held_out_success"] = held_out_tgc(summary[when])
         row["improvement_points"] = 100 * (row["after/held_out_success"] - row["before/held_out_success"])
         for when in ("before", "after"):  # the behaviour measures on dev (loopjax.eval.behaviour)
             for k in ("doc_lookups", "paginate_when_needed", "answered_without_lookup",

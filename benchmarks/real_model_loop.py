@@ -122,6 +122,7 @@ def loop(args, overrides: list[str]) -> dict:
 
     from experiments.appworld_loop import resolve
     from loopjax import report, train
+    from loopjax.eval import held_out_tgc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)  # an import above configured the root
@@ -140,14 +141,9 @@ def loop(args, overrides: list[str]) -> dict:
     summary = train.run(config)
     wall = time.perf_counter() - t0
     print("\n" + report.before_after_table(summary["before"], summary["after"]))
-
-    def held_out(which):
-        splits = [s for s in ("dev", "test_normal") if s in summary[which]]
-        n = sum(summary[which][s]["num_tasks"] for s in splits)
-        return sum(summary[which][s]["tgc"] * summary[which][s]["num_tasks"] for s in splits) / max(n, 1)
-
     return {"benchmark": "smollm2_loop", "preset": "miniworld-smollm2", "overrides": overrides,
-            "held_out_tgc_warm_start": held_out("before"), "held_out_tgc_after_loop": held_out("after"),
+            "held_out_tgc_warm_start": held_out_tgc(summary["before"]),
+            "held_out_tgc_after_loop": held_out_tgc(summary["after"]),
             "before": summary["before"], "after": summary["after"], "wall_s": wall,
             "peak_rss_gb": peak_rss_gb(), "estimate_gb": est["total_gb"], "run_dir": summary["run_dir"]}
 

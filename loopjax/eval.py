@@ -16,6 +16,7 @@ from loopjax.envs import scenario_id
 from loopjax.metrics import MetricsWriter
 
 SPLITS = ("train", "dev", "test_normal", "test_challenge")
+HELD_OUT = ("dev", "test_normal")  # the held-out success the README and the benchmarks report
 
 
 def split_index(split: str) -> int:
@@ -53,6 +54,13 @@ def summarize(records: list[dict]) -> dict:
             "sgc": float(np.mean(list(scenarios.values()))),
             "reward": float(np.mean([r["reward"] for r in records])),
             "num_tasks": len(records), "num_scenarios": len(scenarios), **behaviour(records)}
+
+
+def held_out_tgc(summaries: dict[str, dict], splits=HELD_OUT) -> float:
+    """Task-weighted TGC over `splits` (those present) of {split: summarize(...)}."""
+    present = [s for s in splits if s in summaries]
+    tasks = sum(summaries[s]["num_tasks"] for s in present)
+    return sum(summaries[s]["tgc"] * summaries[s]["num_tasks"] for s in present) / max(tasks, 1)
 
 
 def prefixed(summary: dict, prefix: str) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from loopjax.agent import format_code_turn, format_observation, react_messages
-from loopjax.envs import demonstration, ground_truth
+from loopjax.envs import demonstration
 from loopjax.loop.update import split_params
 from loopjax.models.transformer import token_logprobs
 from loopjax.rollout.collector import Episode, EpisodeLimits, _reset, _step
@@ -39,8 +39,7 @@ def scripted_agents(world: str, careful: float, seed: int) -> Callable[[str], tu
         raise ValueError(f"demo_careful must be in [0, 1], got {careful}")
 
     def demo(task_id: str) -> tuple[list[tuple[str, str]], bool]:
-        if careful == 1.0:
-            return [(code, code) for code in ground_truth(task_id, world)], True
+        # careful = 1.0 draws both habits every time: the ground truth (envs.demonstration)
         lookup, paging = np.random.default_rng([seed, zlib.crc32(task_id.encode())]).random(2) < careful
         turns = demonstration(task_id, world, lookup=bool(lookup), paging=bool(paging))
         return turns, bool(lookup and paging)

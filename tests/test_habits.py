@@ -8,6 +8,7 @@ import pytest
 from loopjax import warmstart
 from loopjax.envs import demonstration, ground_truth, list_tasks, make_env
 from loopjax.envs.miniworld.scenario import V1_NAMES
+from loopjax.eval import held_out_tgc
 from loopjax.rollout.collector import behaviour
 
 WORLD = "miniworld-tiny"
@@ -71,9 +72,18 @@ def test_scripted_agents_mix_habits_at_the_requested_share():
     looked = [demo(t)[0][0][0].startswith("print(apis.api_docs") for t in tasks]
     assert 0.25 < np.mean(looked) < 0.35
     assert demo(tasks[3]) == warmstart.scripted_agents(WORLD, 0.3, seed=0)(tasks[3])  # seeded
-    assert all(demo_t[1] for demo_t in map(warmstart.scripted_agents(WORLD, 1.0, 0), tasks[:20]))
+    careful = warmstart.scripted_agents(WORLD, 1.0, 0)  # every agent careful: SFT-GT
+    for t in tasks[::6]:  # every template
+        assert careful(t) == ([(code, code) for code in ground_truth(t, WORLD)], True)
     with pytest.raises(ValueError, match="demo_careful"):
         warmstart.scripted_agents(WORLD, 1.5, 0)
+
+
+def test_held_out_tgc_weights_each_split_by_its_tasks():
+    summaries = {"dev": {"tgc": 0.5, "num_tasks": 30}, "test_normal": {"tgc": 0.2, "num_tasks": 10},
+                 "test_challenge": {"tgc": 1.0, "num_tasks": 6}}
+    assert held_out_tgc(summaries) == pytest.approx((15 + 2) / 40)  # challenge is not held-out TGC
+    assert held_out_tgc({"dev": summaries["dev"]}) == 0.5
 
 
 def test_behaviour_measures_read_the_habits_from_code():
