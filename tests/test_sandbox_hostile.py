@@ -20,7 +20,7 @@ import time
 import pytest
 
 from loopjax.envs import list_tasks, make_env
-from loopjax.envs.sandbox_worker import SANDBOX_UID_BASE
+from loopjax.envs.sandbox_jail import SANDBOX_UID_BASE
 
 LIMIT_S = 1.5
 CAP = 4_000  # output_chars for these environments

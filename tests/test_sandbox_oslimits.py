@@ -17,7 +17,7 @@ import pytest
 
 from loopjax.envs import list_tasks, make_env
 from loopjax.envs.sandbox import Sandbox, SandboxLimits, SandboxUnavailable, os_sandbox_problem
-from loopjax.envs.sandbox_worker import SANDBOX_UID_BASE
+from loopjax.envs.sandbox_jail import SANDBOX_UID_BASE
 from test_sandbox_hostile import canary, host_snapshot  # noqa: F401  (a fixture)
 
 LIMIT_S = 3.0

@@ -3,8 +3,9 @@
     from loopjax.envs import make_env, list_tasks, ground_truth, scenario_id
 """
 from loopjax.envs.base import (Env, EvalResult, Observation, StepResult, Supervisor, WorldEntry,
-                               demonstration, ground_truth, list_tasks, make_env, register_world,
                                scenario_id)
+from loopjax.envs.registry import (demonstration, ground_truth, list_tasks, make_env,
+                                   register_world)
 
 __all__ = ["Env", "EvalResult", "Observation", "StepResult", "Supervisor", "WorldEntry",
            "demonstration", "ground_truth", "list_tasks", "make_env", "register_world", "scenario_id"]

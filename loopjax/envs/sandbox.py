@@ -1,8 +1,9 @@
 """Run agent code in a separate, OS-sandboxed worker process (the trainer side of the sandbox).
 
-`Sandbox(limits)` owns one worker process (see `sandbox_worker.py` for the OS sandbox the worker
-enters before running agent code: namespaces, a read-only root with only the standard library,
-its own uid, seccomp, rlimits). `run(code, handler)` sends one cell, answers the worker's API
+`Sandbox(limits)` owns one worker process (`sandbox_process.py` starts it and frames its pipe;
+`sandbox_worker.py` is the REPL inside it; `sandbox_jail.py` the OS sandbox the worker enters
+before running agent code: namespaces, a read-only root with only the standard library, its own
+uid, seccomp, rlimits). `run(code, handler)` sends one cell, answers the worker's API
 calls with `handler(app, api, kwargs)` -- which runs here, in the trainer, where the world lives --
 and returns a `CellResult`. It never raises and never hangs for anything the worker does:
 
@@ -29,18 +30,16 @@ raises `SandboxUnavailable` with the reason, unless the caller accepts the risk 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import select
-import signal
-import struct
-import subprocess
 import sys
 import threading
 import time
 from typing import Any, Callable
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_worker.py")
+# SandboxLimits and WORKER are imported from here by callers (miniworld, tests) too.
+from loopjax.envs.sandbox_process import (WORKER, SandboxLimits, WorkerGone, WorkerProcess,
+                                          clean_text)
+
 Handler = Callable[[str, str, dict], Any]
 UNSAFE_ENV = "LOOPJAX_UNSAFE_NO_OS_SANDBOX"
 MAX_DEPTH = 32         # nesting of any JSON value a worker sends
@@ -53,23 +52,6 @@ class HandlerError(Exception):
 
 class SandboxUnavailable(RuntimeError):
     """The OS cannot sandbox agent code here (and the risk was not accepted)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SandboxLimits:
-    """Per-worker limits. Wall-clock time is enforced here; the rest inside the worker."""
-
-    time_limit_s: float = 10.0     # wall clock per cell (replay included); past it: SIGKILL
-    cpu_per_cell_s: float = 10.0   # RLIMIT_CPU budget per cell (SIGXCPU kills the worker)
-    cpu_total_s: int = 600         # RLIMIT_CPU hard limit for the worker's whole life
-    memory_mb: int = 512           # RLIMIT_AS
-    output_chars: int = 20_000     # printed output + error text kept per cell; the rest is cut
-    recursion_limit: int = 500
-    call_argument_chars: int = 20_000        # one API call's keyword arguments, as JSON
-    episode_argument_chars: int = 1_000_000  # all API calls' arguments in one episode
-    startup_s: float = 30.0        # a worker's start-up (not agent time); past it: an error
-    unsafe_no_os_sandbox: bool = False  # run without the OS sandbox: accepts the risk
-    python_checks: bool = True     # False: no AST check, full builtins (tests of the OS boundary)
 
 
 @dataclasses.dataclass
@@ -87,15 +69,6 @@ class CellResult:
         return "\n".join(parts) if parts else "Execution successful."
 
 
-class WorkerGone(Exception):
-    """The worker died, timed out or broke the protocol."""
-
-
-def clean_text(text: str) -> str:
-    """Valid UTF-8 (lone surrogates become '?'), no NUL characters."""
-    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\\x00")
-
-
 def cap_texts(output: str, error: str | None, limit: int) -> tuple[str, str | None]:
     """Output and error together within about `limit` characters, both made valid UTF-8."""
     if error is not None:
@@ -108,10 +81,6 @@ def cap_texts(output: str, error: str | None, limit: int) -> tuple[str, str | No
     if len(output) > room:
         output = output[:max(room, 0)] + f"\n[output truncated at {limit} characters]"
     return clean_text(output), error
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed")
 
 
 def json_depth_ok(value, max_depth: int = MAX_DEPTH) -> bool:
@@ -130,99 +99,6 @@ def json_depth_ok(value, max_depth: int = MAX_DEPTH) -> bool:
     return True
 
 
-class _Worker:
-    """One worker process and its framed JSON pipe (non-blocking, every wait with a deadline)."""
-
-    def __init__(self, limits: SandboxLimits):
-        self.limits = limits
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-B", WORKER, json.dumps(dataclasses.asdict(limits))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env={}, cwd="/", close_fds=True, start_new_session=True)
-        self.wfd, self.rfd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
-        os.set_blocking(self.wfd, False)
-        self.ready = False
-        self.cells = 0  # cells sent; a done message names its cell
-        # A done frame of output_chars characters, each escaped as a surrogate pair, plus room.
-        self.max_msg = 24 * limits.output_chars + 2 * limits.call_argument_chars + 2 ** 16
-        self.refused: str | None = None
-
-    def send(self, msg: dict, deadline: float) -> None:
-        body = json.dumps(msg).encode()
-        data = memoryview(struct.pack(">I", len(body)) + body)
-        while data:
-            try:
-                data = data[os.write(self.wfd, data):]
-                continue
-            except BlockingIOError:
-                pass
-            except (BrokenPipeError, OSError, ValueError) as e:
-                raise WorkerGone("the worker process died") from e
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [self.wfd], [], left)[1]:
-                raise WorkerGone("timeout")
-
-    def _read(self, n: int, deadline: float) -> bytes:
-        fd, buf = self.rfd, b""
-        while len(buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise WorkerGone("timeout")
-            try:
-                chunk = os.read(fd, n - len(buf))
-            except OSError as e:
-                raise WorkerGone("the worker process died") from e
-            if not chunk:
-                raise WorkerGone("the worker process died")
-            buf += chunk
-        return buf
-
-    def recv(self, deadline: float) -> tuple[dict, int]:
-        """The next frame as a dict with a string "op", and its size in bytes."""
-        (n,) = struct.unpack(">I", self._read(4, deadline))
-        if n > self.max_msg:
-            raise WorkerGone(f"protocol violation: a {n}-byte message")
-        try:
-            msg = json.loads(self._read(n, deadline).decode("utf-8"),
-                             parse_constant=_reject_constant)
-        except (ValueError, RecursionError, UnicodeDecodeError) as e:
-            raise WorkerGone("protocol violation: a malformed message") from e
-        if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
-            raise WorkerGone("protocol violation: not a message")
-        return msg, n
-
-    def wait_ready(self) -> None:
-        """Wait (at most startup_s) for the worker's first frame: ready or refused."""
-        if self.ready:
-            return
-        try:
-            msg, _ = self.recv(time.monotonic() + self.limits.startup_s)
-        except WorkerGone as gone:
-            raise WorkerGone(f"the worker failed to start ({gone})") from None
-        if msg["op"] == "refused":
-            self.refused = clean_text(str(msg.get("reason", "")))[:2000]
-            raise WorkerGone(f"the OS sandbox could not be set up: {self.refused}")
-        if msg["op"] != "ready":
-            raise WorkerGone("the worker failed to start")
-        self.ready = True
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-
-
 _probe_lock = threading.Lock()
 _probe_result: dict[str, str | None] = {}
 
@@ -234,7 +110,7 @@ def os_sandbox_problem() -> str | None:
             if not sys.platform.startswith("linux"):
                 problem = f"the OS sandbox needs Linux (this is {sys.platform})"
             else:
-                worker = _Worker(SandboxLimits(startup_s=60.0))
+                worker = WorkerProcess(SandboxLimits(startup_s=60.0))
                 try:
                     worker.wait_ready()
                     problem = None
@@ -271,8 +147,8 @@ class Sandbox:
                     f"or accept the risk of running model-written code unsandboxed with "
                     f"{UNSAFE_ENV}=1 or SandboxLimits(unsafe_no_os_sandbox=True).")
         self.limits = limits
-        self._worker: _Worker | None = None
-        self._spare: _Worker | None = None
+        self._worker: WorkerProcess | None = None
+        self._spare: WorkerProcess | None = None
         self.history: list[tuple[str, list]] = []  # (code, call log) of finished cells
         self._replay: list[tuple[str, list]] = []  # cells to replay before the next cell runs
         self.argument_chars = 0  # API-call arguments sent this episode
@@ -281,8 +157,8 @@ class Sandbox:
         """Forget all variables: switch to a fresh worker."""
         if self._worker is not None:
             self._worker.kill()
-        self._worker = self._spare or _Worker(self.limits)
-        self._spare = _Worker(self.limits)
+        self._worker = self._spare or WorkerProcess(self.limits)
+        self._spare = WorkerProcess(self.limits)
         self.history, self._replay, self.argument_chars = [], [], 0
 
     def close(self) -> None:
@@ -294,8 +170,8 @@ class Sandbox:
     def _fresh_worker(self) -> None:
         if self._worker is not None:
             self._worker.kill()
-        self._worker = self._spare or _Worker(self.limits)
-        self._spare = _Worker(self.limits)
+        self._worker = self._spare or WorkerProcess(self.limits)
+        self._spare = WorkerProcess(self.limits)
 
     def run(self, code: str, handler: Handler) -> CellResult:
         """Run one cell. Never raises and never hangs for anything the agent's code does."""

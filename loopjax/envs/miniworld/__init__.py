@@ -7,20 +7,20 @@ can learn) and "miniworld" (all apps, logins, dozens of APIs). Use it through lo
     env = make_env("miniworld-tiny")
     obs = env.reset(list_tasks("miniworld-tiny", "train")[0])
 """
-from loopjax.envs.base import WorldEntry, register_world
+from loopjax.envs.base import WorldEntry
 from loopjax.envs.miniworld.env import MiniWorldEnv
 from loopjax.envs.miniworld.tasks import PRESETS, Preset, demonstration, ground_truth, task_ids
 
-__all__ = ["MiniWorldEnv", "PRESETS", "Preset"]
+__all__ = ["MiniWorldEnv", "PRESETS", "Preset", "WORLDS"]
 
 
-def _register(preset: Preset) -> None:
-    register_world(preset.name, WorldEntry(
+def _entry(preset: Preset) -> WorldEntry:
+    return WorldEntry(
         make_env=lambda **options: MiniWorldEnv(preset, **options),
         list_tasks=lambda split: task_ids(preset, split),
         ground_truth=lambda task_id: ground_truth(preset, task_id),
-        demonstration=lambda task_id, **habits: demonstration(preset, task_id, **habits)))
+        demonstration=lambda task_id, **habits: demonstration(preset, task_id, **habits))
 
 
-for _preset in PRESETS.values():
-    _register(_preset)
+# One world per preset ("miniworld-tiny", "miniworld", ...), registered by loopjax.envs.registry.
+WORLDS: dict[str, WorldEntry] = {preset.name: _entry(preset) for preset in PRESETS.values()}

@@ -1,0 +1,231 @@
+"""The AppWorld environment server as a process: its command, start, stop, and HTTP requests.
+
+`AppWorldServer` runs one `appworld serve environment --port N` (in AppWorld's own virtualenv, see
+`loopjax.envs.appworld`) in its own session, on a free port, logging to a temporary file, and
+stops it (SIGTERM, then SIGKILL to its group) on stop() and at interpreter exit. With
+`server_url` it speaks to an already-running server instead and never starts or stops one.
+`post()` sorts failures for the env's crash policy: a dead, hung or 5xx-answering server raises
+`ServerCrash`; a 4xx (a request loopjax got wrong) raises `AppWorldError`.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import weakref
+
+log = logging.getLogger(__name__)
+
+INSTALL_HELP = """AppWorld is installed in its own virtualenv (its pinned dependencies clash with JAX's):
+    python -m venv ~/appworld-venv
+    ~/appworld-venv/bin/pip install appworld
+    mkdir -p ~/appworld-root && cd ~/appworld-root
+    ~/appworld-venv/bin/appworld install
+    ~/appworld-venv/bin/appworld download data
+    export APPWORLD_ROOT=~/appworld-root APPWORLD_PYTHON=~/appworld-venv/bin/python"""
+
+
+class AppWorldError(RuntimeError):
+    """The AppWorld server could not do what was asked (message says what to change)."""
+
+
+class AppWorldUnavailable(AppWorldError, NotImplementedError):
+    """AppWorld (the package, its command or its data) is not installed where loopjax looks.
+    (Also a NotImplementedError, which is what make_env("appworld") raised before this adapter.)"""
+
+
+class ServerCrash(Exception):
+    """The server died, hung past a timeout, or failed a request with 5xx (answered=True)."""
+
+    def __init__(self, message: str, answered: bool = False):
+        super().__init__(message)
+        self.answered = answered
+
+
+@dataclasses.dataclass(frozen=True)
+class AppWorldConfig:
+    root: str | None = None  # APPWORLD_ROOT: the folder holding data/ (default: $APPWORLD_ROOT)
+    python: str | None = None  # python of AppWorld's venv (default: $APPWORLD_PYTHON)
+    # Full server command with {port} and {root} placeholders (default: $APPWORLD_SERVER_COMMAND);
+    # overrides `python`. Without either, `appworld` on PATH is used.
+    server_command: str | tuple[str, ...] | None = None
+    server_url: str | None = None  # use this already-running server instead (it is never restarted)
+    experiment_name: str = "loopjax"  # AppWorld output folder prefix; each env adds a unique suffix
+    cell_timeout_s: int = 100  # AppWorld's own limit on one code cell (its timeout_seconds)
+    execute_timeout_s: float = 150.0  # HTTP timeout of /execute; past it the server counts as hung
+    request_timeout_s: float = 60.0  # HTTP timeout of every other request
+    startup_timeout_s: float = 180.0  # how long a starting server may take to answer GET /
+    max_restarts: int = 2  # server restarts allowed per episode before it is recorded as failed
+    random_seed: int = 100  # AppWorld's default seed
+
+    def __post_init__(self):
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        for name in ("execute_timeout_s", "request_timeout_s", "startup_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_appworld(python: str) -> bool:
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('appworld') is None)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def server_command(config: AppWorldConfig, root: str) -> list[str]:
+    """The command that starts an environment server, with "{port}" left for start() to fill."""
+    custom = config.server_command or os.environ.get("APPWORLD_SERVER_COMMAND")
+    if custom:
+        parts = shlex.split(custom) if isinstance(custom, str) else list(custom)
+        return [p.replace("{root}", root) for p in parts]
+    args = ["serve", "environment", "--port", "{port}", "--root", root, "--no-show-usage"]
+    python = config.python or os.environ.get("APPWORLD_PYTHON")
+    if python:
+        python = os.path.expanduser(python)
+        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise AppWorldUnavailable(f"APPWORLD_PYTHON={python} is not an executable file.\n{INSTALL_HELP}")
+        if not _has_appworld(python):
+            raise AppWorldUnavailable(f"{python} cannot import appworld.\n{INSTALL_HELP}")
+        return [python, "-m", "appworld.cli", *args]
+    exe = shutil.which("appworld")
+    if exe is None:
+        raise AppWorldUnavailable("no AppWorld server command: set APPWORLD_PYTHON (or "
+                                  f"APPWORLD_SERVER_COMMAND), or put `appworld` on PATH.\n{INSTALL_HELP}")
+    return [exe, *args]
+
+
+_LIVE_SERVERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_servers() -> None:  # servers run in their own session, so no terminal signal reaches them
+    for server in list(_LIVE_SERVERS):
+        server.stop()
+
+
+class AppWorldServer:
+    """One `appworld serve environment` process (or an external server_url), spoken to by HTTP."""
+
+    def __init__(self, config: AppWorldConfig, root: str | None):
+        self.config, self.root = config, root
+        self.proc: subprocess.Popen | None = None
+        self.url = config.server_url.rstrip("/") if config.server_url else None
+        self.log_path: str | None = None
+        _LIVE_SERVERS.add(self)
+
+    @property
+    def managed(self) -> bool:
+        return self.config.server_url is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        if not self.managed:
+            if not self._answers():
+                raise AppWorldError(f"AppWorld server at {self.url} does not answer GET /")
+            return
+        template = server_command(self.config, self.root)
+        if self.log_path is None:
+            fd, self.log_path = tempfile.mkstemp(prefix="loopjax-appworld-", suffix=".log")
+            os.close(fd)
+        for _ in range(3):  # another process may grab the free port before the server binds it
+            port = _free_port()
+            cmd = [p.replace("{port}", str(port)) for p in template]
+            with open(self.log_path, "ab") as logf:
+                logf.write(f"\n$ {shlex.join(cmd)}\n".encode())
+                logf.flush()
+                self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, cwd=self.root,
+                                             env=dict(os.environ, APPWORLD_ROOT=self.root),
+                                             start_new_session=True)  # its own group, killed as one
+            self.url = f"http://127.0.0.1:{port}"
+            if self._wait_ready():
+                log.info("AppWorld server pid %d at %s (log %s)", self.proc.pid, self.url, self.log_path)
+                return
+            tail = self.log_tail()
+            self.stop()
+            if "address already in use" not in tail.lower():
+                raise AppWorldError(f"the AppWorld server did not start ({shlex.join(cmd)}); the end "
+                                    f"of its log {self.log_path}:\n{tail}\n{INSTALL_HELP}")
+        raise AppWorldError(f"the AppWorld server could not bind a port; see {self.log_path}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if self._answers():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/", timeout=2.0) as r:
+                return r.status == 200
+        except (OSError, ValueError):
+            return False
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)  # the group this server leads (start_new_session)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, n: int = 20) -> str:
+        if not self.log_path or not os.path.isfile(self.log_path):
+            return ""
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+    def post(self, method: str, body: dict, timeout: float):
+        """{"output": X} -> X. Raises ServerCrash when the server is gone, hung or fails with 5xx,
+        AppWorldError on a 4xx (a request loopjax got wrong)."""
+        if self.managed and (self.proc is None or self.proc.poll() is not None):
+            raise ServerCrash("the server process is not running")
+        req = urllib.request.Request(f"{self.url}/{method}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())["output"]
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace")[-2000:]
+            if e.code >= 500:
+                raise ServerCrash(f"/{method} failed with HTTP {e.code}: {text}", answered=True) from None
+            raise AppWorldError(f"AppWorld server rejected /{method} (HTTP {e.code}): {text}") from None
+        except (OSError, ValueError, KeyError) as e:  # refused, reset, timed out, bad JSON
+            raise ServerCrash(f"/{method}: {type(e).__name__}: {e}") from None

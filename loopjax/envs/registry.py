@@ -1,0 +1,68 @@
+"""The registry of worlds: world name -> WorldEntry, and the calls that dispatch through it.
+
+    from loopjax.envs import make_env, list_tasks, register_world
+
+The built-in worlds are registered here: miniworld's presets (miniworld exports its table of
+entries; it does not register itself) and "appworld", whose adapter is imported on first use
+because the real AppWorld is optional. A user's world joins with
+`register_world(name, WorldEntry(...))`.
+"""
+from __future__ import annotations
+
+from loopjax.envs import miniworld
+from loopjax.envs.base import Env, WorldEntry
+
+
+def _appworld_env(**options) -> Env:  # imported on use: AppWorld is optional
+    from loopjax.envs.appworld import AppWorldEnv  # noqa: PLC0415
+    return AppWorldEnv(**options)
+
+
+def _appworld_tasks(split: str) -> list[str]:
+    from loopjax.envs.appworld import appworld_task_ids  # noqa: PLC0415
+    return appworld_task_ids(split)
+
+
+_WORLDS: dict[str, WorldEntry] = {  # the registry: world name -> entry
+    **miniworld.WORLDS, "appworld": WorldEntry(_appworld_env, _appworld_tasks)}
+
+
+def register_world(name: str, entry: WorldEntry) -> None:
+    _WORLDS[name] = entry
+
+
+def _entry(world: str) -> WorldEntry:
+    if world not in _WORLDS:
+        raise ValueError(f"unknown world {world!r}; known worlds: {sorted(_WORLDS)}")
+    return _WORLDS[world]
+
+
+def make_env(world: str = "miniworld", **options) -> Env:
+    """A new environment of `world` ("miniworld", "miniworld-tiny", "appworld", ...)."""
+    return _entry(world).make_env(**options)
+
+
+def list_tasks(world: str, split: str) -> list[str]:
+    """Task ids of a split: "train", "dev", "test_normal" or "test_challenge"."""
+    return _entry(world).list_tasks(split)
+
+
+def ground_truth(task_id: str, world: str = "miniworld") -> list[str]:
+    """The scripted solution of a task: one code string per turn."""
+    entry = _entry(world)
+    if entry.ground_truth is None:
+        raise NotImplementedError(f"world {world!r} has no ground-truth solutions")
+    return entry.ground_truth(task_id)
+
+
+def demonstration(task_id: str, world: str, *, lookup: bool = True,
+                  paging: bool = True) -> list[tuple[str, str]]:
+    """A scripted agent's turns as (code it writes, code the world runs): `lookup` = it reads the
+    API docs first (else it writes remembered, outdated API names), `paging` = it reads every
+    page of a list (else the first)."""
+    entry = _entry(world)
+    if entry.demonstration is None:
+        if not (lookup and paging):
+            raise NotImplementedError(f"world {world!r} has no careless demonstrations")
+        return [(code, code) for code in ground_truth(task_id, world)]
+    return entry.demonstration(task_id, lookup=lookup, paging=paging)
