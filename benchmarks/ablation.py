@@ -3,6 +3,7 @@ on careful demonstrations only, over seeds.
 
     python benchmarks/ablation.py                       # seeds 0 1 2, the default run per variant
     python benchmarks/ablation.py --seeds 1 --variants "LOOP (token)" RFT -- --iterations=8
+    python benchmarks/ablation.py --seeds 0 1 2 --from_runs   # the table of the runs on disk
 
 Per seed, every variant starts from the very same warm start, as in the paper: one run with
 --iterations=0 trains the tokenizer, the SFT policy and evaluates it; each variant's run folder
@@ -11,6 +12,8 @@ the variants differ only in their update settings. Two rows are not LOOP runs: "
 that shared policy itself, and "careful SFT (no RL)" is a warm start on demonstrations of
 careful agents only (--demo_careful=1.0), which no real user has. Prints the table (mean and
 min-max over seeds of TGC on dev + test_normal, test_normal and test_challenge) and one JSON line.
+`--from_runs` runs nothing: it tabulates the summary.json files already in --run_root (e.g. of
+seeds run as separate processes, or of an ablation cut short), each row over the seeds it has.
 """
 
 import argparse
@@ -58,24 +61,47 @@ def scores(summary: dict) -> dict:
             "test_challenge": summary["test_challenge"]["tgc"]}
 
 
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def _from_runs(root: str, seeds, variants) -> dict[str, list[dict]]:
+    """{row: [scores per seed that has it]} from the run folders' summary.json files."""
+    def load(*parts):
+        path = os.path.join(root, *parts, "summary.json")
+        return json.load(open(path)) if os.path.exists(path) else None
+    rows: dict[str, list[dict]] = {}
+    for seed in seeds:
+        found = [("warm start", load(f"seed{seed}", "warm_start"), "before")]
+        found += [(name, load(f"seed{seed}", _slug(name)), "after") for name in variants]
+        found += [("careful SFT (no RL)", load(f"seed{seed}", "careful_sft"), "before")]
+        for name, summary, when in found:
+            if summary is not None:
+                rows.setdefault(name, []).append(dict(scores(summary[when]), seed=seed))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--run_root", default="runs/ablation")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--no_ceiling", action="store_true", help="skip the careful-SFT row")
+    parser.add_argument("--from_runs", action="store_true",
+                        help="run nothing; tabulate the run folders under --run_root")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     rows: dict[str, list[dict]] = {}
-    for seed in args.seeds:
+    if args.from_runs:
+        rows = _from_runs(args.run_root, args.seeds, args.variants)
+    for seed in [] if args.from_runs else args.seeds:
         root = os.path.join(args.run_root, f"seed{seed}")
         warm = os.path.join(root, "warm_start")
         before = appworld_loop.main([f"--seed={seed}", f"--run_dir={warm}", *args.overrides,
                                      "--iterations=0"])["before"]
         rows.setdefault("warm start", []).append(scores(before))
         for name in args.variants:
-            slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-            run_dir = os.path.join(root, slug)
+            run_dir = os.path.join(root, _slug(name))
             _copy_warm_start(warm, run_dir)
             summary = appworld_loop.main([f"--seed={seed}", f"--run_dir={run_dir}",
                                           *VARIANTS[name], *args.overrides, "--resume"])
@@ -88,16 +114,19 @@ def main():
     table = {name: {k: {"mean": float(np.mean([r[k] for r in rs])),
                         "min": float(np.min([r[k] for r in rs])),
                         "max": float(np.max([r[k] for r in rs])),
-                        "per_seed": [r[k] for r in rs]} for k in rs[0]}
+                        "per_seed": [r[k] for r in rs]} for k in rs[0] if k != "seed"}
              for name, rs in rows.items()}
+    for name, rs in rows.items():
+        table[name]["seeds"] = [r.get("seed", s) for r, s in zip(rs, args.seeds)]
 
     def cell(v):
         return f"{100 * v['mean']:5.1f} ({100 * v['min']:4.1f}-{100 * v['max']:5.1f})"
     print(f"\nTGC in %, mean (min-max) over seeds {args.seeds}")
-    print(f"{'method':22s} | {'dev + test_normal':19s} | {'test_normal':19s} | test_challenge")
+    print(f"{'method':22s} | {'dev + test_normal':19s} | {'test_normal':19s} | "
+          f"{'test_challenge':19s} | seeds")
     for name, r in table.items():
         print(f"{name:22s} | {cell(r['held_out']):19s} | {cell(r['test_normal']):19s} | "
-              f"{cell(r['test_challenge'])}")
+              f"{cell(r['test_challenge']):19s} | {r['seeds']}")
     print(json.dumps({"benchmark": "ablation", "seeds": args.seeds, "table": table}))
 
 

@@ -38,8 +38,8 @@ def main():
     parser.add_argument("overrides", nargs="*", help="extra --key=value options after --")
     args = parser.parse_args()
     config = resolve([f"--run_dir={args.run_dir}", "--resume", *args.overrides])
-    trainer = train.Trainer(config)
-    if trainer.restore() is None:
+    trainer = train.setup(config)
+    if train.restore(trainer) is None:
         raise SystemExit(f"no checkpoint in {args.run_dir}/checkpoints: run "
                          "`python -m experiments.appworld_loop` first")
     G, K = config.tasks_per_iteration, config.rollouts_per_task
@@ -47,15 +47,15 @@ def main():
     work = []
     for it in range(args.iterations):
         tasks = [trainer.train_tasks[i] for i in rng.choice(len(trainer.train_tasks), G)]
-        records, _ = trainer.rollouts([t for t in tasks for _ in range(K)],
-                                      [g for g in range(G) for _ in range(K)],
-                                      limits=trainer.limits_train, key=jax.random.key(it),
-                                      temperature=config.temperature, desc=f"rollouts {it}",
-                                      straggler=False)  # all G x K, in order
-        rewards = np.array([r["reward"] for r in records], np.float32).reshape(G, K)
+        records, _ = train.rollouts(trainer, [t for t in tasks for _ in range(K)],
+                                    [g for g in range(G) for _ in range(K)],
+                                    limits=trainer.limits_train, key=jax.random.key(it),
+                                    temperature=config.temperature, desc=f"rollouts {it}",
+                                    straggler=False)  # all G x K, in order
+        rewards = np.array([r.reward for r in records], np.float32).reshape(G, K)
         adv = np.asarray(advantages(rewards, config.update.baseline, config.update.normalize_std)).reshape(-1)
         work.append((records, adv))
-    lengths = [len(r["tokens"]) for records, _ in work for r in records]
+    lengths = [len(r.tokens) for records, _ in work for r in records]
 
     saved = jax.device_get(trainer.state.replace(base=None))
     out = {"benchmark": "packing", "run_dir": args.run_dir, "rollouts": len(lengths),

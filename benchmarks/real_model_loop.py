@@ -92,14 +92,14 @@ def baseline(args) -> dict:
             env.close()
     wall = time.perf_counter() - t1
     summary = summarize(records)
-    generated = sum(r["num_generated"] for r in records)
+    generated = sum(r.info["num_generated"] for r in records)
     out = {"benchmark": "smollm2_baseline", "world": args.world, "split": args.split,
            "prompt": "compact" if args.compact else "full ReAct", "tasks": len(tasks),
            "tgc": summary["tgc"], "reward": summary["reward"], "sgc": summary["sgc"],
            "turns": summary.get("turns"), "code_error_rate": summary.get("code_error_rate"),
-           "end_reasons": {k: sum(r["end_reason"] == k for r in records)
-                           for k in sorted({r["end_reason"] for r in records})},
-           "mean_prompt_tokens": float(sum(r["num_tokens"] - r["num_generated"] for r in records)
+           "end_reasons": {k: sum(r.info["end_reason"] == k for r in records)
+                           for k in sorted({r.info["end_reason"] for r in records})},
+           "mean_prompt_tokens": float(sum(len(r.tokens) - r.info["num_generated"] for r in records)
                                        / max(1, len(records))),
            "generated_tokens": generated, "generate_s": stats["generate_s"],
            "generated_tok_per_s": generated / max(stats["generate_s"], 1e-9),

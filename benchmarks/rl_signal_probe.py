@@ -30,13 +30,13 @@ from loopjax.envs import list_tasks  # noqa: E402
 
 def probe(trainer, split: str, every: int, K: int, key) -> dict:
     tasks = list_tasks(trainer.config.env, split)[::every]
-    records, _ = trainer.rollouts([t for t in tasks for _ in range(K)],
-                                  [g for g in range(len(tasks)) for _ in range(K)],
-                                  limits=trainer.limits_train, key=key,
-                                  temperature=trainer.config.temperature, desc=f"probe {split}",
-                                  straggler=False)
-    success_GxK = np.array([r["success"] for r in records]).reshape(len(tasks), K)
-    reward_GxK = np.array([r["reward"] for r in records]).reshape(len(tasks), K)
+    records, _ = train.rollouts(trainer, [t for t in tasks for _ in range(K)],
+                                [g for g in range(len(tasks)) for _ in range(K)],
+                                limits=trainer.limits_train, key=key,
+                                temperature=trainer.config.temperature, desc=f"probe {split}",
+                                straggler=False)
+    success_GxK = np.array([r.success for r in records]).reshape(len(tasks), K)
+    reward_GxK = np.array([r.reward for r in records]).reshape(len(tasks), K)
     return {"tasks": len(tasks), "pass@1": float(success_GxK.mean()),
             f"pass@{K}": float(success_GxK.any(1).mean()),
             "mixed_reward_share": float((reward_GxK.std(1) > 0.01).mean()),
@@ -51,12 +51,12 @@ def main():
     args = parser.parse_args()
     config = resolve([f"--run_dir={args.run_dir}", "--iterations=0", *args.overrides])
     t0 = time.perf_counter()
-    trainer = train.Trainer(config)
-    trainer.warm_start()
+    trainer = train.setup(config)
+    train.warm_start(trainer)
     K = config.rollouts_per_task
     out = {"benchmark": "rl_signal_probe", "sft_steps": config.sft_steps, "seed": config.seed,
            "demo_careful": config.demo_careful,
-           "dev_greedy": trainer.evaluate("dev", "probe", 0)}
+           "dev_greedy": train.evaluate(trainer, "dev", "probe", 0)}
     for i, (split, every) in enumerate((("train", args.train_every), ("dev", 1))):
         out[split] = probe(trainer, split, every, K, jax.random.fold_in(trainer.key, 50 + i))
     out["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -75,8 +75,9 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
     import jax
     import jax.numpy as jnp
 
-    from loopjax.loop.epochs import pack_minibatch
-    from loopjax.loop.update import UpdateConfig, init_train_state, make_update_step
+    from loopjax.config import UpdateConfig
+    from loopjax.loop.update import init_train_state, make_update_step
+    from loopjax.rollout import Rollout, pack_minibatch
     from loopjax.models.config import ModelConfig
     from loopjax.models.transformer import init_params
     from loopjax.sharding import make_mesh
@@ -89,9 +90,11 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
     state = init_train_state(mc, uc, init_params(mc, jax.random.key(0)), jax.random.key(1), mesh)
     step = make_update_step(mc, uc, mesh, state)
     tokens, is_output, logp_old, adv = fake_rollouts(cfg, T, n)
-    rollouts = [dict(tokens=tokens[i], is_output=is_output[i], logp=logp_old[i],
-                     turn_id=np.zeros(T, np.int32)) for i in range(n)]
-    batch = jax.device_put(pack_minibatch(rollouts, adv, n, T), step.batch_sharding)  # one per row
+    rollouts = [Rollout(tokens=tokens[i], is_output=is_output[i], logp=logp_old[i],
+                        turn_id=np.zeros(T, np.int32), reward=0.0, success=False, task_id="t",
+                        group=i) for i in range(n)]
+    batch = jax.device_put(pack_minibatch(rollouts, adv, n, T, microbatches=n),  # one per row
+                           step.batch_sharding)
 
     start = time.perf_counter()
     state, metrics = step(state, batch)  # compile + one step

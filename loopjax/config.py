@@ -13,11 +13,101 @@ import json
 import types
 import typing
 
-from loopjax.loop.epochs import EpochConfig
-from loopjax.loop.update import UpdateConfig
-from loopjax.models.lora import LoraConfig
-
 WARM_STARTS = ("none", "sft", "rft")
+# LOOP's vocabulary (loopjax/loop/objective.py's docstring defines each)
+BASELINES = ("leave_one_out", "leave_none_out", "rft")
+LEVELS = ("token", "turn", "trajectory")
+CLIP_FORMS = ("reference", "paper", None)
+# The projections of a transformer block, as Hugging Face names them (LoRA targets)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16  # r
+    alpha: float = 32.0  # scale = alpha / rank
+    targets: tuple[str, ...] = PROJECTIONS  # which projections of each block get an adapter
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"lora rank must be positive, got {self.rank}")
+        unknown = set(self.targets) - set(PROJECTIONS)
+        if unknown or not self.targets:
+            raise ValueError(f"lora targets {sorted(unknown) or '()'} invalid; choose from {PROJECTIONS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+    """LOOP's math (baseline, filter, clip, level) and the optimizer step."""
+    level: str = "token"  # importance-weight level: token | turn | trajectory
+    clip_form: str | None = "reference"  # reference [1/(1+eps), 1+eps] | paper [1-eps, 1+eps] | None
+    clip_eps: float = 0.1  # clip width, in (0, 1)
+    minibatch_size: int = 32  # rollouts per optimizer step = the fixed loss denominator M
+    microbatch_size: int = 0  # rollouts per forward/backward inside the step (0 = the whole minibatch)
+    learning_rate: float = 5e-5  # constant AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    max_grad_norm: float = 0.1  # global-norm clip (reference code 0.1; the paper says 1.0)
+    baseline: str = "leave_one_out"  # leave_one_out | leave_none_out | rft (own successes, A = 1)
+    normalize_std: bool = False  # divide advantages by the task's reward std (GRPO / RwNorm)
+    adv_min_abs: float = 0.01  # rollouts with |A| below this are dropped (weight 0)
+    adv_positive_only: bool = False  # also drop rollouts with A <= 0
+    remat: bool = False  # recompute each layer's activations in the backward pass (less memory)
+    train_full_weights: bool = False  # train every weight instead of a LoRA adapter
+    lora: LoraConfig = LoraConfig()  # adapter shape when not train_full_weights
+    skip_outlier_grads: bool = False  # skip steps whose grad norm is > outlier_sigma above the mean
+    outlier_sigma: float = 5.0  # how many standard deviations make an outlier
+    outlier_warmup: int = 10  # accepted steps before the outlier test starts
+
+    def __post_init__(self):
+        for name, value, allowed in (("level", self.level, LEVELS),
+                                     ("baseline", self.baseline, BASELINES),
+                                     ("clip_form", self.clip_form, CLIP_FORMS)):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} must be one of {allowed}")
+        if self.clip_form is not None and not 0 < self.clip_eps < 1:
+            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        mb = self.microbatch_size or self.minibatch_size
+        if self.minibatch_size <= 0 or mb <= 0 or self.minibatch_size % mb:
+            raise ValueError(f"minibatch_size {self.minibatch_size} must be a positive multiple of "
+                             f"microbatch_size {self.microbatch_size}")
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.minibatch_size // (self.microbatch_size or self.minibatch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochConfig:
+    epochs_per_iteration: int = 2  # passes over the iteration's rollouts
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS  # allowed padded lengths T, ascending
+    kl_stop: float = 20.0  # stop the iteration's remaining steps once |kl_k1| exceeds this
+    max_nan_skips: int = 20  # more skipped (non-finite) steps than this aborts training
+    pack: bool = True  # several rollouts per forward row (fewer padded tokens); False: one per row
+
+    def __post_init__(self):
+        if self.epochs_per_iteration < 1:
+            raise ValueError(f"epochs_per_iteration must be >= 1, got {self.epochs_per_iteration}")
+        if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError(f"buckets {self.buckets} must be a non-empty ascending tuple")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """The sampling engine (loopjax/sampling/engine.py) of a run."""
+    max_slots: int = 64  # concurrent episodes at most (KV-cache slots, environments)
+    decode_steps: int = 32  # tokens decoded per device call between host checks
+    prefill_chunk: int = 512  # prompt tokens per prefill call (rounded to a power of 2)
+    min_len_bucket: int = 64  # shortest KV length a batch is bucketed to
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"sampler.{f.name} must be positive, got {getattr(self, f.name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +149,8 @@ class TrainConfig:
     rollouts_per_task: int = 6  # K rollouts of each task
     temperature: float = 1.0  # sampling temperature of training rollouts
     update: UpdateConfig = UpdateConfig()  # the LOOP objective's knobs (baseline, filter, clip) too
-    epochs: EpochConfig = EpochConfig()
+    epochs: EpochConfig = EpochConfig()  # the passes over an iteration's rollouts
+    sampler: SamplerConfig = SamplerConfig()  # the sampling engine's batch shapes
     # --- episodes
     max_interactions_train: int = 40  # agent turns per training episode
     max_interactions_eval: int = 50  # agent turns per evaluation episode
@@ -100,17 +191,7 @@ class TrainConfig:
             raise ValueError(f"training temperature must be > 0, got {self.temperature}")
 
     def check(self) -> "TrainConfig":
-        """Checks between fields (run once the overrides are all applied).
-
-        The update's behaviour log-probs are taken at the rollout temperature, so
-        `update.temperature` follows `temperature` (set only one; differing values are an error)."""
-        if self.update.temperature != self.temperature:
-            if self.update.temperature != UpdateConfig().temperature:
-                raise ValueError(
-                    f"update.temperature={self.update.temperature} differs from the rollout "
-                    f"temperature={self.temperature}; set --temperature only (the update follows it)")
-            return dataclasses.replace(
-                self, update=dataclasses.replace(self.update, temperature=self.temperature)).check()
+        """Checks between fields (run once the overrides are all applied)."""
         if self.epochs.buckets[-1] < self.max_seq_len:
             raise ValueError(f"the largest update bucket {self.epochs.buckets[-1]} must hold a whole "
                              f"conversation of max_seq_len={self.max_seq_len} tokens; add a bucket "
@@ -205,5 +286,6 @@ def parse_cli(args: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["TrainConfig", "ScratchModel", "UpdateConfig", "EpochConfig", "LoraConfig", "override",
+__all__ = ["TrainConfig", "ScratchModel", "UpdateConfig", "EpochConfig", "LoraConfig",
+           "SamplerConfig", "override",
            "apply_overrides", "parse_cli"]

@@ -14,6 +14,7 @@ import numpy as np
 from loopjax import report
 from loopjax.envs import scenario_id
 from loopjax.metrics import MetricsWriter
+from loopjax.rollout.batch import Rollout
 
 SPLITS = ("train", "dev", "test_normal", "test_challenge")
 HELD_OUT = ("dev", "test_normal")  # the held-out success the README and the benchmarks report
@@ -23,36 +24,36 @@ def split_index(split: str) -> int:
     return SPLITS.index(split) if split in SPLITS else 100 + sum(map(ord, split))
 
 
-def behaviour(records: list[dict]) -> dict:
+def behaviour(records: list[Rollout]) -> dict:
     """The paper's behaviour measures over episodes: API-doc lookups per episode, share of turns
     whose code raised, turns per episode, share of episodes that walked a list's pages among those
-    whose task needs it (records' `needs_paging`), share that answered before reading any state."""
+    whose task needs it (info's `needs_paging`), share that answered before reading any state."""
     if not records:
         return {}
-    paging = [r["paginated"] for r in records if r.get("needs_paging")]
-    out = {"doc_lookups": float(np.mean([r["doc_lookups"] for r in records])),
-           "code_error_rate": float(np.sum([r["code_errors"] for r in records])
-                                    / max(1, np.sum([r["num_turns"] for r in records]))),
-           "turns": float(np.mean([r["num_turns"] for r in records])),
-           "answered_without_lookup": float(np.mean([r["answered_without_lookup"]
-                                                     for r in records]))}
+    info = [r.info for r in records]
+    paging = [i["paginated"] for i in info if i.get("needs_paging")]
+    out = {"doc_lookups": float(np.mean([i["doc_lookups"] for i in info])),
+           "code_error_rate": float(np.sum([i["code_errors"] for i in info])
+                                    / max(1, np.sum([i["num_turns"] for i in info]))),
+           "turns": float(np.mean([i["num_turns"] for i in info])),
+           "answered_without_lookup": float(np.mean([i["answered_without_lookup"] for i in info]))}
     if paging:
         out["paginate_when_needed"] = float(np.mean(paging))
     return out
 
 
-def summarize(records: list[dict]) -> dict:
+def summarize(records: list[Rollout]) -> dict:
     """TGC, SGC, mean reward, task and scenario counts and the behaviour measures of one
     evaluation's episodes."""
     if not records:
         return {"tgc": 0.0, "sgc": 0.0, "reward": 0.0, "num_tasks": 0, "num_scenarios": 0}
     scenarios: dict[str, bool] = {}
     for r in records:
-        sid = scenario_id(r["task_id"])
-        scenarios[sid] = scenarios.get(sid, True) and bool(r["success"])
-    return {"tgc": float(np.mean([r["success"] for r in records])),
+        sid = scenario_id(r.task_id)
+        scenarios[sid] = scenarios.get(sid, True) and r.success
+    return {"tgc": float(np.mean([r.success for r in records])),
             "sgc": float(np.mean(list(scenarios.values()))),
-            "reward": float(np.mean([r["reward"] for r in records])),
+            "reward": float(np.mean([r.reward for r in records])),
             "num_tasks": len(records), "num_scenarios": len(scenarios), **behaviour(records)}
 
 
@@ -79,16 +80,13 @@ def truncate_metrics(path: str, iteration: int) -> None:
     os.replace(tmp, path)
 
 
-def write_reports(run_dir: str, summary: dict, episodes: list[dict], max_episodes: int) -> None:
+def write_reports(run_dir: str, summary: dict, episodes: list[Rollout], max_episodes: int) -> None:
     """summary.json, learning_curve.png, trajectories.html and the before/after table."""
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     report.learning_curve(run_dir)
-    paired = [e for e in episodes if e.get("tag") in ("before LOOP", "after LOOP")]
-    chosen = paired + [e for e in episodes if e.get("tag") not in ("train", "before LOOP",
-                                                                   "after LOOP")]
-    chosen = chosen[:max(max_episodes, len(paired))]
-    chosen += [e for e in episodes if e.get("tag") == "train"][:max(0, max_episodes - len(chosen))]
-    report.trajectories_html(chosen, os.path.join(run_dir, "trajectories.html"))
+    views = [dict(e.info, task_id=e.task_id, reward=e.reward, success=e.success) for e in episodes]
+    report.trajectories_html(report.choose_episodes(views, max_episodes),
+                             os.path.join(run_dir, "trajectories.html"))
     with open(os.path.join(run_dir, "before_after.txt"), "w") as f:
         f.write(report.before_after_table(summary["before"], summary["after"]) + "\n")

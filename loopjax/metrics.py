@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import types
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -211,12 +212,14 @@ class Timer:
         self.totals: dict[str, float] = defaultdict(float)
 
     @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
+    def __call__(self, phase: str) -> Iterator[types.SimpleNamespace]:
+        """Times the block; what it yields holds the block's `seconds` once it ends."""
+        span, start = types.SimpleNamespace(seconds=0.0), time.perf_counter()
         try:
-            yield
+            yield span
         finally:
-            self.totals[phase] += time.perf_counter() - start
+            span.seconds = time.perf_counter() - start
+            self.totals[phase] += span.seconds
 
     def shares(self) -> dict[str, float]:
         """{"time/<phase>_share": fraction of all phases, "time/<phase>_s": seconds, "time/total_s"}."""

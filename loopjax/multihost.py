@@ -10,10 +10,10 @@ params (sharded over fsdp/tensor, replicated over data) have a complete replica 
   as PRNG identities, so every rollout is the one a single process would sample.
 - `gather_rollouts` then gives every process all rollouts in the single-process order: the
   advantages, the minibatch plan and the bucket lengths are computed identically everywhere, and
-  each process packs every minibatch whole and hands on the rows its devices hold (`host_rows`)
-  to one global batch (`global_batch`, jax.make_array_from_process_local_data).
+  each process packs every minibatch whole and hands on the blocks its devices hold to one
+  global batch (`global_batch`, jax.make_array_from_callback).
 - The update step, the SFT warm start and the orbax checkpoints run on global arrays, called by all
-  processes; files are written by process 0 only (Trainer.is_main).
+  processes; files are written by process 0 only (RunState.is_main).
 
 With one process every function here is the identity (or plain jax.device_put).
 """
@@ -105,12 +105,12 @@ def allgather_objects(obj) -> list:
     return [pickle.loads(rows_PxN[p, :n].tobytes()) for p, n in enumerate(sizes_P)]
 
 
-def gather_rollouts(records: list[dict], stats: dict) -> tuple[list[dict], dict]:
+def gather_rollouts(records: list, stats: dict) -> tuple[list, dict]:
     """Every process's rollouts, in global episode order, and their merged collection stats."""
     if jax.process_count() == 1:
         return records, stats
     parts = allgather_objects((records, stats))
-    records = sorted((r for recs, _ in parts for r in recs), key=lambda r: r["index"])
+    records = sorted((r for recs, _ in parts for r in recs), key=lambda r: r.index)
     # Episodes cut add up; the hosts collect at the same time, so the slowest one's times count.
     stats = {k: (sum if k == "cut" else max)(s[k] for _, s in parts) for k in parts[0][1]}
     return records, stats
@@ -134,26 +134,14 @@ def check_same(what: str, value: str) -> None:
                          "or load the same one (clear stale run folders on the other hosts)")
 
 
-def host_rows(sharding: NamedSharding, rows: int) -> slice:
-    """The contiguous block of a [rows, ...] batch's rows that this process's devices hold."""
-    spans = {(s[0].start or 0, rows if s[0].stop is None else s[0].stop)
-             for s in sharding.addressable_devices_indices_map((rows,)).values()}
-    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-    if sum(b - a for a, b in spans) != hi - lo:
-        raise ValueError(f"this process's batch rows {sorted(spans)} are not one contiguous block; "
-                         "order the mesh's devices by process (loopjax.sharding.make_mesh)")
-    return slice(lo, hi)
-
-
 def global_batch(batch, shardings):
-    """A global batch (a pytree of [rows, ...] arrays, `shardings` alike) from `batch`, which every
-    process holds whole: each process hands on the `host_rows` block its devices hold. On one host
-    this is jax.device_put."""
+    """A global batch (a pytree of arrays, `shardings` alike) from `batch`, which every process
+    holds whole: each process hands on the blocks its own devices hold. On one host this is
+    jax.device_put."""
     if jax.process_count() == 1:
         return jax.device_put(batch, shardings)
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_process_local_data(
-            s, x[host_rows(s, x.shape[0])], x.shape), batch, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                        batch, shardings)
 
 
 def fingerprint(tokenizer, model_config) -> str:

@@ -57,6 +57,14 @@ def learning_curve(run_dir: str | os.PathLike, out_path: str | os.PathLike | Non
     return out_path
 
 
+def _finish(ax, ylabel: str, drawn: bool, legend_size: int) -> bool:
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(loc="best", fontsize=legend_size)
+    return drawn
+
+
 def _draw_top(ax, records: list[dict]) -> bool:
     drawn = False
     for key, label, color in (("train/reward", "train reward", "tab:blue"),
@@ -77,11 +85,7 @@ def _draw_top(ax, records: list[dict]) -> bool:
             ax.plot(steps, values, marker=marker, linestyle=line, color=colors[match["split"]],
                     label=f"eval {match['split']} {match['name']}", markersize=6)
             drawn = True
-    ax.set_ylabel("reward / success rate")
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(loc="best", fontsize=8)
-    return drawn
+    return _finish(ax, "reward / success rate", drawn, 8)
 
 
 # The paper's behaviour measures (loopjax.eval.behaviour), on training rollouts and held-out evals.
@@ -102,11 +106,7 @@ def _draw_behaviour(ax, records: list[dict]) -> bool:
                 ax.plot(steps, values, linestyle=style, color=color, label=f"{label} ({where})",
                         marker="o" if style == "--" else None, markersize=4)
                 drawn = True
-    ax.set_ylabel("behaviour")
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(loc="best", fontsize=7)
-    return drawn
+    return _finish(ax, "behaviour", drawn, 7)
 
 
 def _draw_bottom(ax, records: list[dict]) -> bool:
@@ -155,6 +155,16 @@ def _e(value) -> str:
 
 def _success_cell(success) -> str:
     return '<span class="ok">yes</span>' if success else '<span class="bad">no</span>'
+
+
+def choose_episodes(episodes: list[dict], max_episodes: int) -> list[dict]:
+    """What the page shows: every held-out episode kept before and after LOOP (the pairs), then
+    other evaluations, then training rollouts, up to `max_episodes` (the pairs always)."""
+    paired = [e for e in episodes if e.get("tag") in ("before LOOP", "after LOOP")]
+    chosen = paired + [e for e in episodes if e.get("tag") not in ("train", "before LOOP",
+                                                                   "after LOOP")]
+    chosen = chosen[:max(max_episodes, len(paired))]
+    return chosen + [e for e in episodes if e.get("tag") == "train"][:max(0, max_episodes - len(chosen))]
 
 
 def trajectories_html(episodes: list[dict], out_path: str | os.PathLike,

@@ -115,6 +115,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
 
 
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+    """Microbatch-major [U, rows, ...] arrays (loopjax.rollout.Batch): each microbatch's rows
+    split over the data-parallel axes."""
+    return NamedSharding(mesh, P(None, ("data", "fsdp")))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

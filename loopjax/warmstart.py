@@ -12,7 +12,6 @@ import logging
 import zlib
 from typing import Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,9 +19,9 @@ import optax
 
 from loopjax.agent import format_code_turn, format_observation, react_messages
 from loopjax.envs import demonstration
-from loopjax.loop.update import split_params
-from loopjax.models.transformer import token_logprobs
-from loopjax.rollout.collector import Episode, EpisodeLimits, _reset, _step
+from loopjax.loop.update import rollout_logprobs
+from loopjax.rollout import (Batch, Episode, EpisodeLimits, Rollout, pack_demonstrations,
+                             start_episode, step_episode)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def transcripts(env, task_ids, demo, *, compact: bool) -> list[str]:
     return texts
 
 
-def demonstrations(env, tokenizer, task_ids, demo, limits: EpisodeLimits) -> list[dict]:
+def demonstrations(env, tokenizer, task_ids, demo, limits: EpisodeLimits) -> list[Rollout]:
     """Scripted episodes as rollout records (assistant turns marked as outputs, logp 0).
 
     `demo(task_id)` gives (code written, code run) per turn and whether the agent is careful:
@@ -73,7 +72,7 @@ def demonstrations(env, tokenizer, task_ids, demo, limits: EpisodeLimits) -> lis
     records, skipped = [], []
     for i, task_id in enumerate(task_ids):
         ep = Episode(i, task_id, i)
-        end = _reset(env, ep, tokenizer, limits)
+        end = start_episode(env, ep, tokenizer, limits)
         turns, careful = demo(task_id)
         for written, code in turns:
             if end is not None:
@@ -83,7 +82,7 @@ def demonstrations(env, tokenizer, task_ids, demo, limits: EpisodeLimits) -> lis
                 end = "context_full"
                 break
             ep.conv.add_generated(ids, [0.0] * len(ids))
-            end = _step(env, ep, tokenizer, limits, run=code)
+            end = step_episode(env, ep, tokenizer, limits, run=code)
         ep.end_reason, ep.eval = end or "script_ended", env.evaluate()
         if end == "context_full" or (end is None and not ep.eval.success):
             skipped.append(task_id)  # the episode limits (context, turns) cut the solution off
@@ -97,24 +96,14 @@ def demonstrations(env, tokenizer, task_ids, demo, limits: EpisodeLimits) -> lis
     return records
 
 
-@flax.struct.dataclass
-class Rows:
-    """Packed demonstrations, [rows, length] each: several sequences per row as segments 1, 2, ...
-    (0 = padding) with positions restarting; the loss mask is True on assistant tokens."""
-    tokens_BxT: jax.Array
-    positions_BxT: jax.Array
-    segment_ids_BxT: jax.Array
-    mask_BxT: jax.Array
-
-
 def make_sft_step(model_config, optimizer):
-    """Jitted step: mean negative log-likelihood of the output tokens of a packed batch."""
+    """Jitted step: mean negative log-likelihood of the generated tokens of a packed batch (the
+    one packer's Batch with one microbatch)."""
 
-    def loss_fn(trainable, base, batch: Rows):
-        params, lora = split_params(trainable, base)
-        logp = token_logprobs(model_config, params, batch.tokens_BxT, positions_BxT=batch.positions_BxT,
-                              segment_ids_BxT=batch.segment_ids_BxT, lora=lora)
-        return -jnp.sum(logp * batch.mask_BxT) / jnp.maximum(jnp.sum(batch.mask_BxT), 1.0)
+    def loss_fn(trainable, base, batch: Batch):
+        mb = jax.tree.map(lambda x: x[0], batch)
+        logp_BxT = rollout_logprobs(model_config, trainable, base, mb)
+        return -jnp.sum(logp_BxT * mb.mask_UxBxT) / jnp.maximum(jnp.sum(mb.mask_UxBxT), 1.0)
 
     def step(trainable, opt_state, base, batch):
         loss, grads = jax.value_and_grad(loss_fn)(trainable, base, batch)
@@ -122,33 +111,6 @@ def make_sft_step(model_config, optimizer):
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
-
-
-def pack_rows(records, order, rows: int, length: int):
-    """Greedily packs records (in `order`, from its front) into `rows` x `length` rows, several
-    sequences per row as segments 1, 2, ... with positions restarting; returns (Rows, used)."""
-    tokens = np.zeros((rows, length), np.int32)
-    positions = np.zeros((rows, length), np.int32)
-    segments = np.zeros((rows, length), np.int32)
-    mask = np.zeros((rows, length), bool)
-    fill = np.zeros(rows, int)
-    nseg = np.zeros(rows, int)
-    used = 0
-    for j in order:
-        r = records[j]
-        n = len(r["tokens"])
-        if n > length:
-            raise ValueError(f"a demonstration of {n} tokens does not fit rows of {length}")
-        row = int(np.argmax(fill + n <= length)) if np.any(fill + n <= length) else -1
-        if row < 0:
-            break
-        a = fill[row]
-        nseg[row] += 1
-        tokens[row, a:a + n], positions[row, a:a + n] = r["tokens"], np.arange(n)
-        segments[row, a:a + n], mask[row, a:a + n] = nseg[row], r["is_output"]
-        fill[row] += n
-        used += 1
-    return Rows(tokens, positions, segments, mask.astype(np.float32)), used
 
 
 def sft_optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:
@@ -168,12 +130,14 @@ def sft(model_config, trainable, base, records, *, steps: int, rows: int, length
     optimizer = sft_optimizer(learning_rate, steps)
     opt_state = optimizer.init(trainable)
     step_fn = make_sft_step(model_config, optimizer)
+    # Slots for every demonstration that can share a row: static, so one compile.
+    slots = rows * max(1, length // min(len(r.tokens) for r in records))
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
     order: list[int] = []
     for i in range(steps):
         if len(order) < len(records):
             order += list(rng.permutation(len(records)))
-        batch, used = pack_rows(records, order, rows, length)
+        batch, used = pack_demonstrations(records, order, rows, length, slots)
         order = order[used:]
         if batch_sharding is not None:
             batch = jax.device_put(batch, batch_sharding)

@@ -13,3 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def as_rollout(tokens, is_output, logp, turn_id, *, reward=0.0, group=0, task_id="task"):
+    """A loopjax Rollout from token arrays (tests that need no episode around them)."""
+    import numpy as np  # noqa: PLC0415
+    from loopjax.rollout import Rollout  # noqa: PLC0415
+    return Rollout(tokens=np.asarray(tokens, np.int32), is_output=np.asarray(is_output, bool),
+                   logp=np.asarray(logp, np.float32), turn_id=np.asarray(turn_id, np.int32),
+                   reward=float(reward), success=reward == 1.0, task_id=task_id, group=group)

@@ -34,8 +34,8 @@ views_checked = [0]
 def collect_token_reward(*args, **kwargs):
     records, stats = _collect(*args, **kwargs)
     for r in records:
-        out = np.asarray(r["tokens"])[np.asarray(r["is_output"], bool)]
-        r["reward"] = float(np.mean(out % 4 == 0)) if out.size else 0.0
+        out = r.tokens[r.is_output]
+        r.reward = float(np.mean(out % 4 == 0)) if out.size else 0.0
     return records, stats
 
 

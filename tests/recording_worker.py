@@ -36,11 +36,11 @@ def main():
     seen = {"sft": [], "iterations": []}
     seen_sft, seen_it = seen["sft"], seen["iterations"]
     warmstart.sft = _record(warmstart.sft, lambda a, out: seen_sft.append({
-        "records": [{"task_id": r["task_id"], "success": bool(r["success"]),
-                     "reward": float(r["reward"])} for r in a["records"]]}))
+        "records": [{"task_id": r.task_id, "success": bool(r.success),
+                     "reward": float(r.reward)} for r in a["records"]]}))
     train.run_iteration = _record(train.run_iteration, lambda a, out: seen_it.append({
-        "rewards": [float(r["reward"]) for r in a["rollouts"]],
-        "groups": [int(r["group"]) for r in a["rollouts"]],
+        "rewards": [float(r.reward) for r in a["rollouts"]],
+        "groups": [int(r.group) for r in a["rollouts"]],
         "adv": [float(x) for x in a["adv_N"]],
         "num_rollouts": [float(h["num_rollouts"]) for h in out[1]],
         "stopped_on_kl": bool(out[1] and out[1][-1]["stopped_on_kl"])}))

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import as_rollout
+from loopjax.config import EpochConfig, UpdateConfig
 from loopjax.loop import advantages
-from loopjax.loop.epochs import (EpochConfig, forward_rows, minibatch_plan, pack_minibatch,
-                                 run_iteration)
-from loopjax.loop.update import (Batch, UpdateConfig, init_train_state, make_update_step,
-                                 split_params)
+from loopjax.loop.epochs import minibatch_plan, run_iteration
+from loopjax.loop.update import init_train_state, make_update_step, split_params
+from loopjax.rollout.batch import forward_rows, pack_minibatch
 from loopjax.models.config import ModelConfig
 from loopjax.models.transformer import forward, init_params, token_logprobs
 from loopjax.sharding import make_mesh
@@ -31,17 +32,17 @@ def random_rollouts(seed, n, min_len=4, max_len=12):
         T = int(rng.integers(min_len, max_len + 1))
         is_output = rng.random(T) < 0.6
         is_output[0] = False
-        out.append(dict(tokens=rng.integers(0, CFG.vocab_size, T),
-                        is_output=is_output,
-                        logp=np.where(is_output, -rng.uniform(3.5, 4.5, T), 0.0),
-                        turn_id=np.sort(rng.integers(0, 3, T))))
+        out.append(as_rollout(tokens=rng.integers(0, CFG.vocab_size, T),
+                              is_output=is_output,
+                              logp=np.where(is_output, -rng.uniform(3.5, 4.5, T), 0.0),
+                              turn_id=np.sort(rng.integers(0, 3, T))))
     return out
 
 
-def random_batch(seed, rows=8, length=16):
+def random_batch(seed, rows=8, length=16, microbatches=1):
     rollouts = random_rollouts(seed, rows)
     adv = np.random.default_rng(seed + 100).normal(size=rows).astype(np.float32)
-    return pack_minibatch(rollouts, adv, rows, length)
+    return pack_minibatch(rollouts, adv, rows, length, microbatches=microbatches)
 
 
 _STEPS = {}
@@ -78,7 +79,7 @@ def test_mesh_2x2x2_matches_one_device(level="token"):
     # A small learning rate: Adam turns tiny reduction-order differences of near-zero gradients
     # into full-size steps, which would hide a real mismatch behind tolerance noise.
     config = UpdateConfig(level=level, minibatch_size=8, microbatch_size=4, learning_rate=1e-3)
-    batches = [random_batch(s) for s in range(2)]
+    batches = [random_batch(s, microbatches=2) for s in range(2)]
     one, m1 = run_steps(config, one_device_mesh(), batches)
     eight, m8 = run_steps(config, make_mesh("2,2,2"), batches)
     assert_trees_close(one, eight)
@@ -100,7 +101,7 @@ def test_nan_loss_skips_step_and_counts():
     state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
     before = jax.device_get(state.trainable)
     bad = random_batch(5)
-    bad = bad.replace(logp_old_BxT=np.where(bad.mask_BxT, np.nan, 0.0).astype(np.float32))
+    bad = bad.replace(logp_old_UxBxT=np.where(bad.mask_UxBxT, np.nan, 0.0).astype(np.float32))
     state, m = step(state, bad)
     assert not bool(m["applied"]) and bool(m["nan_skipped"])
     assert int(state.nan_skips) == 1 and int(state.step) == 0
@@ -116,7 +117,7 @@ def test_outlier_gradient_is_skipped():
     for _ in range(3):
         state, m = step(state, normal)
         assert bool(m["applied"])
-    huge = normal.replace(adv_B=normal.adv_B * 1e4)
+    huge = normal.replace(adv_UxB=normal.adv_UxB * 1e4)
     state, m = step(state, huge)
     assert bool(m["outlier_skipped"]) and not bool(m["applied"])
     assert int(state.outlier_skips) == 1 and int(state.step) == 3
@@ -154,20 +155,52 @@ def test_compiles_once_per_bucket_and_row_count():
     assert step.num_compiles() == len(shapes) <= 12
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_forward_rows_packs_within_microbatch_groups(groups):
+@pytest.mark.parametrize("micro", [1, 2])
+def test_forward_rows_packs_within_microbatches(micro):
     lengths = [30, 5, 12, 17, 9, 31, 2, 14, 16, 8]
-    R, place = forward_rows(lengths, 32, pack=True, groups=groups, slots=12)
+    R, place = forward_rows(lengths, 32, pack=True, microbatches=micro, slots=12)
     used = {}
-    for i, (row, off) in enumerate(place):
-        assert row % groups == i % groups and 0 <= off and off + lengths[i] <= 32
+    for i, (u, row, off) in enumerate(place):
+        assert u == i % micro and 0 <= off and off + lengths[i] <= 32 and row < R
         for col in range(off, off + lengths[i]):
-            assert (row, col) not in used, "two rollouts overlap"
-            used[row, col] = i
-    assert R % groups == 0 and max(r for r, _ in place) < R
-    assert R < 12  # fewer rows than one per rollout
-    unpacked, place = forward_rows(lengths, 32, pack=False, groups=groups, slots=12)
-    assert unpacked == 12 and place == [(i, 0) for i in range(len(lengths))]
+            assert (u, row, col) not in used, "two rollouts overlap"
+            used[u, row, col] = i
+    assert R * micro < 12  # fewer rows than one per rollout
+    unpacked, place = forward_rows(lengths, 32, pack=False, microbatches=micro, slots=12)
+    assert unpacked == 12 // micro and place == [(i % micro, i // micro, 0) for i in range(10)]
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_packed_batch_reads_back_every_rollout(pack, micro):
+    """The packer's contract, microbatch by microbatch: slot b of microbatch u holds rollout
+    b * U + u, whose tokens its local indices read back from that microbatch's own rows, with
+    positions 0..n-1 and one segment id of its own; empty slots weigh 0."""
+    rollouts = random_rollouts(5, 7, min_len=3, max_len=14)
+    adv = np.arange(1, 8, dtype=np.float32)
+    batch = pack_minibatch(rollouts, adv, 8, 32, pack=pack, microbatches=micro)
+    U, R, T = batch.tokens_UxRxT.shape
+    assert (U, T) == (micro, 32) and batch.adv_UxB.shape == (micro, 8 // micro)
+    for i, r in enumerate(rollouts):
+        u, b, n = i % micro, i // micro, len(r.tokens)
+        at = batch.src_UxBxT[u, b, :n]
+        np.testing.assert_array_equal(batch.tokens_UxRxT[u].reshape(-1)[at], r.tokens)
+        np.testing.assert_array_equal(batch.positions_UxRxT[u].reshape(-1)[at], np.arange(n))
+        segment = batch.segment_ids_UxRxT[u].reshape(-1)[at]
+        assert segment.min() == segment.max() > 0
+        assert np.sum(batch.segment_ids_UxRxT[u].reshape(-1) == segment[0]) >= n
+        np.testing.assert_array_equal(batch.mask_UxBxT[u, b, :n], r.is_output)
+        np.testing.assert_array_equal(batch.logp_old_UxBxT[u, b, :n], r.logp)
+        assert batch.adv_UxB[u, b] == adv[i] and batch.weight_UxB[u, b] == 1.0
+    # each segment is one rollout: a row's segment ids count its rollouts
+    for u in range(U):
+        rows_used = {int(x) // T for i in range(u, 7, micro)
+                     for x in batch.src_UxBxT[u, i // micro, :1]}
+        for row in rows_used:
+            ids = set(batch.segment_ids_UxRxT[u, row].tolist()) - {0}
+            assert len(ids) == sum(int(batch.src_UxBxT[u, i // micro, 0]) // T == row
+                                   for i in range(u, 7, micro))
+    assert batch.weight_UxB.sum() == 7 and (R < 8 // micro) == pack
 
 
 @pytest.mark.parametrize("level,mesh_shape,micro", [("token", "1,1,1", 0), ("turn", "1,1,1", 2),
@@ -179,10 +212,12 @@ def test_packed_rows_match_one_rollout_per_row(level, mesh_shape, micro):
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:mesh_shape.count("2") and 8 or 1])
     rollouts = random_rollouts(11, 7, min_len=3, max_len=14)  # 7 of 8 slots: one empty
     adv = np.random.default_rng(3).normal(size=7).astype(np.float32)
-    groups = config.num_microbatches
-    packed = pack_minibatch(rollouts, adv, 8, 32, pack=True, groups=groups, multiple=1)
-    plain = pack_minibatch(rollouts, adv, 8, 32)
-    assert len(packed.tokens_RxT) < len(plain.tokens_RxT) == 8
+    micro = config.num_microbatches
+    dp = 4 if mesh_shape == "2,2,2" else 1  # rows per microbatch split evenly over dp devices
+    packed = pack_minibatch(rollouts, adv, 8, 32, pack=True, microbatches=micro, multiple=dp)
+    plain = pack_minibatch(rollouts, adv, 8, 32, microbatches=micro, multiple=dp)
+    rows, one_per_row = packed.tokens_UxRxT.shape[1], plain.tokens_UxRxT.shape[1]
+    assert rows < one_per_row == 8 // micro if dp == 1 else rows <= one_per_row
     a, ma = run_steps(config, mesh, [plain])
     b, mb = run_steps(config, mesh, [packed])
     assert_trees_close(a, b)
@@ -190,13 +225,11 @@ def test_packed_rows_match_one_rollout_per_row(level, mesh_shape, micro):
         np.testing.assert_allclose(ma[0][k], mb[0][k], rtol=1e-5, atol=1e-7)
 
 
-def test_rollout_in_another_microbatchs_row_is_refused():
+def test_batch_of_another_microbatch_split_is_refused():
     state, step = make(UpdateConfig(minibatch_size=8, microbatch_size=4), one_device_mesh())
     rollouts = random_rollouts(12, 8)
-    batch = pack_minibatch(rollouts, np.ones(8, np.float32), 8, 16, pack=True, groups=1)
-    batch = batch.replace(**{f: np.pad(getattr(batch, f), ((0, 8 - len(batch.tokens_RxT)), (0, 0)))
-                             for f in ("tokens_RxT", "positions_RxT", "segment_ids_RxT")})
-    with pytest.raises(ValueError, match="another microbatch"):
+    batch = pack_minibatch(rollouts, np.ones(8, np.float32), 8, 16, pack=True, microbatches=1)
+    with pytest.raises(ValueError, match="microbatches=2"):
         step(state, batch)
 
 
@@ -211,7 +244,7 @@ def test_kl_stop_ends_iteration(behaviour):
     old = {"far_above": -0.01, "far_below": -20.0, "near": None}[behaviour]
     for r in rollouts:
         if old is not None:
-            r["logp"] = np.where(r["is_output"], old, 0.0)
+            r.logp = np.where(r.is_output, old, 0.0).astype(np.float32)
     adv = np.ones(32, np.float32)
     state, history = run_iteration(step, state, rollouts, adv, jax.random.key(0),
                                    EpochConfig(buckets=(32,)))
@@ -229,7 +262,7 @@ def test_too_many_nan_skips_abort(epochs):
     state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
     rollouts = random_rollouts(9, 16)
     for r in rollouts:
-        r["logp"] = np.where(r["is_output"], np.nan, 0.0)
+        r.logp = np.where(r.is_output, np.nan, 0.0).astype(np.float32)
     config = EpochConfig(epochs_per_iteration=epochs, buckets=(16,), max_nan_skips=2)
     adv = np.ones(16, np.float32)
     if epochs == 1:  # 2 steps, both skipped: at the limit, not over it
@@ -302,8 +335,8 @@ def test_learning_raises_expected_reward(name):
         key, k_sample, k_shuffle = jax.random.split(key, 3)
         tokens, logp, reward, _ = jax.device_get(sample(state.params, state.trainable, k_sample, G * K))
         adv = np.asarray(advantages(reward.reshape(G, K), baseline, norm)).reshape(-1)
-        rollouts = [dict(tokens=tokens[i], is_output=is_output, logp=logp[i],
-                         turn_id=np.zeros(PROMPT + REPLY, np.int32)) for i in range(G * K)]
+        rollouts = [as_rollout(tokens[i], is_output, logp[i], np.zeros(PROMPT + REPLY, np.int32))
+                    for i in range(G * K)]
         state, history = run_iteration(step, state, rollouts, adv, k_shuffle,
                                        EpochConfig(epochs_per_iteration=epochs, buckets=(8,)))
         if name != "loop":  # strictly on-policy: every step sees the sampling policy

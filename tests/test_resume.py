@@ -1,4 +1,4 @@
-"""Trainer.save -> Trainer.restore hands back everything a resumed run needs: the trained params,
+"""train.save -> train.restore hands back everything a resumed run needs: the trained params,
 the optimizer state, the step and skip counters, and the iteration (the task sampler's state is
 (seed, iteration), and every PRNG key derives from the seed and the iteration)."""
 
@@ -9,7 +9,7 @@ import numpy as np
 
 from loopjax.checkpoint import Checkpointer
 from loopjax.loop.update import UpdateConfig
-from loopjax.train import Trainer
+from loopjax import train
 from test_loop_update import make, one_device_mesh, random_batch
 
 
@@ -27,18 +27,18 @@ def test_restore_returns_the_saved_state_not_a_fresh_one(tmp_path):
     for seed in range(3):  # Adam moments, step count and grad-norm statistics all move
         state, _ = step(state, random_batch(seed))
     state, _ = step(state, random_batch(5).replace(
-        logp_old_BxT=np.full((8, 16), np.nan, np.float32)))  # one NaN skip
+        logp_old_UxBxT=np.full((1, 8, 16), np.nan, np.float32)))  # one NaN skip
     saved = jax.device_get(state.replace(base=None))
     assert int(saved.step) == 3 and int(saved.nan_skips) == 1
 
     writer = _trainer(tmp_path, state, resume=False)
-    Trainer.save(writer, 3, {"before": {"dev": {"tgc": 0.5}}})
+    train.save(writer, 3, {"before": {"dev": {"tgc": 0.5}}})
     writer.ckpt.close()
 
     # A new process: its state is freshly initialized, then restored.
     again, _ = make(config, one_device_mesh())
     reader = _trainer(tmp_path, again, resume=True)
-    meta = Trainer.restore(reader)
+    meta = train.restore(reader)
     reader.ckpt.close()
     assert meta == {"before": {"dev": {"tgc": 0.5}}, "iteration": 3}
     got = jax.device_get(reader.state.replace(base=None))
@@ -53,6 +53,6 @@ def test_restore_returns_the_saved_state_not_a_fresh_one(tmp_path):
 def test_no_resume_means_no_restore(tmp_path):
     state, _ = make(UpdateConfig(minibatch_size=8), one_device_mesh())
     writer = _trainer(tmp_path, state, resume=False)
-    Trainer.save(writer, 1, {})
-    assert Trainer.restore(writer) is None and writer.state is state
+    train.save(writer, 1, {})
+    assert train.restore(writer) is None and writer.state is state
     writer.ckpt.close()

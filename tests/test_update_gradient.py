@@ -15,11 +15,11 @@ import numpy as np
 import optax
 import pytest
 
+from loopjax.config import LoraConfig, UpdateConfig
 from loopjax.loop import update as update_module
-from loopjax.loop.epochs import pack_minibatch
-from loopjax.loop.update import (UpdateConfig, init_train_state, make_update_step,
-                                 split_params)
-from loopjax.models.lora import LoraConfig, init_lora
+from loopjax.loop.update import init_train_state, make_update_step, split_params
+from loopjax.models.lora import init_lora
+from loopjax.rollout.batch import pack_minibatch
 from loopjax.models.transformer import init_params, token_logprobs
 from loopjax.sharding import make_mesh
 from test_loop_update import CFG, random_rollouts
@@ -33,8 +33,8 @@ LO, HI = 1 / 1.1, 1.1  # the reference clip form at eps 0.1
 def _rollouts():
     rollouts = random_rollouts(21, len(ADV), min_len=5, max_len=14)
     for i, r in enumerate(rollouts):  # old log-probs near the policy's (about -log 64) +- 0.3
-        r["logp"] = np.where(r["is_output"], -np.log(CFG.vocab_size) + 0.3 * np.sin(np.arange(
-            len(r["tokens"])) + i), 0.0).astype(np.float32)
+        r.logp = np.where(r.is_output, -np.log(CFG.vocab_size) + 0.3 * np.sin(np.arange(
+            len(r.tokens)) + i), 0.0).astype(np.float32)
     return rollouts
 
 
@@ -67,13 +67,13 @@ def reference_grad(full_weights, level, positive_only):
         for r, a in zip(rollouts, ADV):
             if abs(a) < MIN_ABS or (positive_only and a <= 0):
                 continue
-            logp = token_logprobs(CFG, params, jnp.asarray(r["tokens"])[None], lora=lora)[0]
-            out = np.flatnonzero(r["is_output"])
-            log_ratio = logp[out] - r["logp"][out]
+            logp = token_logprobs(CFG, params, jnp.asarray(r.tokens)[None], lora=lora)[0]
+            out = np.flatnonzero(r.is_output)
+            log_ratio = logp[out] - r.logp[out]
             if level == "token":
                 total += jnp.mean(_surrogate(log_ratio, a))
             elif level == "turn":
-                turns = r["turn_id"][out]
+                turns = r.turn_id[out]
                 total += jnp.mean(jnp.stack([_surrogate(jnp.sum(log_ratio[turns == j]), a)
                                              for j in np.unique(turns)]))
             else:
@@ -106,7 +106,8 @@ def sgd_step(monkeypatch, config, mesh, pack):
         state = state.replace(trainable=jax.device_put(trainable, jax.tree.map(
             lambda x: x.sharding, state.trainable)))
     step = make_update_step(CFG, config, mesh, state)
-    batch = pack_minibatch(_rollouts(), ADV, M, 16, pack=pack, groups=config.num_microbatches)
+    batch = pack_minibatch(_rollouts(), ADV, M, 16, pack=pack, microbatches=config.num_microbatches,
+                           multiple=mesh.shape["data"] * mesh.shape["fsdp"])
     state, metrics = step(state, batch)
     return trainable, jax.device_get(state.trainable), jax.device_get(metrics)
 

@@ -68,7 +68,7 @@ def test_first_loop_step_matches_adamw_closed_form():
 
 @pytest.mark.parametrize("carry", [False, True])
 def test_trainer_warm_start_hands_loop_a_placed_optimizer_state(tmp_path, carry):
-    """Trainer.warm_start: with sft_moments_to_loop the LOOP optimizer continues the SFT's count
+    """train.warm_start: with sft_moments_to_loop the LOOP optimizer continues the SFT's count
     and second moments, without it it starts fresh; either way the state sits on its shardings."""
     from experiments.appworld_loop import resolve  # noqa: PLC0415
     from loopjax import train  # noqa: PLC0415
@@ -79,9 +79,9 @@ def test_trainer_warm_start_hands_loop_a_placed_optimizer_state(tmp_path, carry)
                       "--scratch.vocab_size=400", "--tasks_per_iteration=1",
                       "--rollouts_per_task=2", f"--sft_steps={steps}", "--sft_rows=8",
                       f"--sft_moments_to_loop={carry}"])
-    trainer = train.Trainer(config)
+    trainer = train.setup(config)
     try:
-        trainer.warm_start()
+        train.warm_start(trainer)
     finally:
         for env in trainer.envs:
             env.close()
@@ -102,25 +102,25 @@ def test_sft_step_is_the_reference_gradient(monkeypatch, mesh_shape):
     jax.grad of the mean NLL of every demonstration's output tokens, on one device and on the
     2x2x2 mesh (full weights, demonstrations packed several to a row)."""
     from loopjax.models.transformer import init_params, token_logprobs  # noqa: PLC0415
-    from loopjax.sharding import batch_sharding, make_mesh, param_shardings  # noqa: PLC0415
+    from loopjax.sharding import make_mesh, microbatch_sharding, param_shardings  # noqa: PLC0415
     from test_loop_update import CFG, random_rollouts  # noqa: PLC0415
 
     monkeypatch.setattr(warmstart, "sft_optimizer", lambda learning_rate, steps: optax.sgd(1.0))
-    records = [dict(tokens=r["tokens"], is_output=r["is_output"]) for r in random_rollouts(4, 6)]
+    records = random_rollouts(4, 6)
     params = jax.device_get(init_params(CFG, jax.random.key(0)))
     params["unembed"] = params["unembed"] * 10.0
 
     def nll(p):
-        total = sum(jnp.sum(token_logprobs(CFG, p, jnp.asarray(r["tokens"])[None])[0][r["is_output"]])
+        total = sum(jnp.sum(token_logprobs(CFG, p, jnp.asarray(r.tokens)[None])[0][r.is_output])
                     for r in records)
-        return -total / sum(int(r["is_output"].sum()) for r in records)
+        return -total / sum(int(r.is_output.sum()) for r in records)
     want = jax.jit(jax.grad(nll))(params)
 
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:8 if mesh_shape == "2,2,2" else 1])
     placed = jax.device_put(params, param_shardings(mesh, params))
     trained, _ = warmstart.sft(CFG, placed, None, records, steps=1, rows=8, length=16,
                                learning_rate=1.0, key=jax.random.key(1),
-                               batch_sharding=batch_sharding(mesh))
+                               batch_sharding=microbatch_sharding(mesh))
     got = jax.tree.map(lambda b, a: b - np.asarray(a), params, jax.device_get(trained))
     norm = float(optax.tree.norm(want))
     # fp32 reduction order only: atol 1e-5 of the gradient norm.

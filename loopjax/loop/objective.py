@@ -35,9 +35,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BASELINES = ("leave_one_out", "leave_none_out", "rft")
-LEVELS = ("token", "turn", "trajectory")
-CLIP_FORMS = ("reference", "paper", None)
+from loopjax.config import BASELINES, CLIP_FORMS, LEVELS
 
 
 # --------------------------------------------------------------------------- advantages

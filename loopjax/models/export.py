@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopjax.config import PROJECTIONS
 from loopjax.models.config import ModelConfig
 from loopjax.models.hf_io import save_hf_checkpoint, write_safetensors
 from loopjax.models.lora import LoRA, LoraConfig, merge_lora
-from loopjax.models.transformer import PROJECTIONS, projection_shapes
+from loopjax.models.transformer import projection_shapes
 
 # loopjax projection -> the HF submodule that holds it inside each decoder layer.
 _MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",

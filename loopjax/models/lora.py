@@ -7,35 +7,15 @@ Weights are stacked over layers like the base: weights[name]["a"] is L x in x r.
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from loopjax.config import LoraConfig
 from loopjax.models.config import ModelConfig
-from loopjax.models.transformer import PROJECTIONS, projection_shapes
+from loopjax.models.transformer import projection_shapes
 
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 16  # r
-    alpha: float = 32.0  # scale = alpha / rank
-    dropout: float = 0.0  # the paper uses 0; other values are rejected (not implemented)
-    targets: tuple[str, ...] = PROJECTIONS  # which projections of each block get an adapter
-
-    def __post_init__(self):
-        if self.rank <= 0:
-            raise ValueError(f"lora rank must be positive, got {self.rank}")
-        if self.dropout != 0.0:
-            raise ValueError(f"lora dropout {self.dropout} is not supported; use 0.0 (the paper's)")
-        unknown = set(self.targets) - set(PROJECTIONS)
-        if unknown or not self.targets:
-            raise ValueError(f"lora targets {sorted(unknown) or '()'} invalid; choose from {PROJECTIONS}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+__all__ = ["LoRA", "LoraConfig", "init_lora", "merge_lora"]
 
 
 @flax.struct.dataclass

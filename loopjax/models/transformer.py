@@ -29,7 +29,6 @@ import jax.numpy as jnp
 
 from loopjax.models.config import ModelConfig
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

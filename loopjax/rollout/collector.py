@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from loopjax.agent import NO_CODE_MESSAGE, Conversation, extract_code, format_observation, react_messages
+from loopjax.rollout.batch import Rollout
 
 _ERROR_RE = re.compile(r"(Traceback|Error:|Exception:)")
 
@@ -39,7 +40,7 @@ class EpisodeLimits:
 
 @dataclasses.dataclass
 class Episode:
-    """One rollout in progress; `record()` gives the finished rollout as a plain dict."""
+    """One rollout in progress; `record()` gives the finished Rollout."""
     index: int  # the episode's global index in the request (its identity for PRNG keys)
     task_id: str
     group: int  # which task of the iteration (episodes of one group share a baseline)
@@ -53,18 +54,17 @@ class Episode:
     future: cf.Future | None = None
     env_failure: str | None = None  # set when the environment, not the agent, failed
 
-    def record(self) -> dict:
+    def record(self) -> Rollout:
         arrays = self.conv.as_arrays()
-        return dict(
-            **arrays, task_id=self.task_id, group=self.group, index=self.index,
-            reward=float(self.eval.reward), success=bool(self.eval.success),
+        info = dict(
             passes=list(self.eval.passes), failures=list(self.eval.failures),
             num_turns=len(self.turns), end_reason=self.end_reason, instruction=self.instruction,
-            env_failure=self.env_failure,
-            turns=self.turns, num_tokens=len(self.conv.tokens),
+            env_failure=self.env_failure, turns=self.turns, num_tokens=len(self.conv.tokens),
             num_generated=int(np.sum(arrays["is_output"])),
             code_errors=sum(bool(_ERROR_RE.search(t["output"])) for t in self.turns),
             **behaviour(self.turns))
+        return Rollout(**arrays, reward=float(self.eval.reward), success=bool(self.eval.success),
+                       task_id=self.task_id, group=self.group, index=self.index, info=info)
 
 
 _STATE_CALL_RE = re.compile(r"apis\.(?!supervisor\.|api_docs\.)\w+\.\w+\(")
@@ -92,7 +92,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
             workers: int = 8, overlap: bool = True, straggler_fraction: float = 1.0,
             straggler_task_fraction: float = 1.0,
             progress: Callable[[int], None] | None = None,
-            indices: Sequence[int] | None = None) -> tuple[list[dict], dict]:
+            indices: Sequence[int] | None = None) -> tuple[list[Rollout], dict]:
     """Runs one episode per task id on the engine's slots (one env per slot, reused).
 
     Episode i samples with PRNG key fold_in(key, indices[i]) (default indices: 0, 1, ...), so its
@@ -118,7 +118,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
 
     def start(ep: Episode, slot: int):
         ep.slot, by_slot[slot], consumed[slot] = slot, ep, 0
-        ep.future = pool.submit(_reset, envs[slot], ep, tokenizer, limits)
+        ep.future = pool.submit(start_episode, envs[slot], ep, tokenizer, limits)
 
     def finish(ep: Episode, reason: str):
         ep.done, ep.end_reason = True, reason
@@ -187,7 +187,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
                                      "output": "(context full)"})
                     finish(ep, "context_full")
                 else:
-                    ep.future = pool.submit(_step, envs[g.slot], ep, tokenizer, limits)
+                    ep.future = pool.submit(step_episode, envs[g.slot], ep, tokenizer, limits)
     finally:
         for ep in by_slot.values():  # stragglers: dropped, their slots released
             if ep.future is not None:
@@ -207,7 +207,7 @@ def _evaluate(env, ep: Episode):
     return result
 
 
-def _reset(env, ep: Episode, tokenizer, limits: EpisodeLimits):
+def start_episode(env, ep: Episode, tokenizer, limits: EpisodeLimits):
     """Starts an episode: the prompt goes into a fresh conversation. Returns None (ready)."""
     obs = env.reset(ep.task_id)
     ep.instruction = obs.instruction
@@ -224,7 +224,7 @@ def _reset(env, ep: Episode, tokenizer, limits: EpisodeLimits):
     return None
 
 
-def _step(env, ep: Episode, tokenizer, limits: EpisodeLimits, run: str | None = None):
+def step_episode(env, ep: Episode, tokenizer, limits: EpisodeLimits, run: str | None = None):
     """Runs the turn's code (or `run`, a scripted demonstration's equivalent of it); appends the
     environment's reply. Returns an end reason or None."""
     text = ep.conv.text_of_turn(-1)
