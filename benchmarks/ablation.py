@@ -55,10 +55,13 @@ def _copy_warm_start(warm: str, run_dir: str) -> None:
 
 
 def scores(summary: dict) -> dict:
-    """TGC on the held-out splits (dev + test_normal, task-weighted), test_normal, test_challenge."""
+    """TGC on the held-out splits (dev + test_normal, task-weighted), test_normal, test_challenge,
+    and the dev behaviour measures (greedy): doc lookups per episode, paginates when needed."""
     return {"held_out": held_out_tgc(summary),
             "test_normal": summary["test_normal"]["tgc"],
-            "test_challenge": summary["test_challenge"]["tgc"]}
+            "test_challenge": summary["test_challenge"]["tgc"],
+            "dev_doc_lookups": summary["dev"].get("doc_lookups", float("nan")),
+            "dev_paging": summary["dev"].get("paginate_when_needed", float("nan"))}
 
 
 def _slug(name: str) -> str:
@@ -123,10 +126,11 @@ def main():
         return f"{100 * v['mean']:5.1f} ({100 * v['min']:4.1f}-{100 * v['max']:5.1f})"
     print(f"\nTGC in %, mean (min-max) over seeds {args.seeds}")
     print(f"{'method':22s} | {'dev + test_normal':19s} | {'test_normal':19s} | "
-          f"{'test_challenge':19s} | seeds")
+          f"{'test_challenge':19s} | dev lookups | dev paging | seeds")
     for name, r in table.items():
         print(f"{name:22s} | {cell(r['held_out']):19s} | {cell(r['test_normal']):19s} | "
-              f"{cell(r['test_challenge']):19s} | {r['seeds']}")
+              f"{cell(r['test_challenge']):19s} | {r['dev_doc_lookups']['mean']:11.2f} | "
+              f"{r['dev_paging']['mean']:10.2f} | {r['seeds']}")
     print(json.dumps({"benchmark": "ablation", "seeds": args.seeds, "table": table}))
 
 
