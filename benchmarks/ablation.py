@@ -102,25 +102,26 @@ def main():
         warm = os.path.join(root, "warm_start")
         before = appworld_loop.main([f"--seed={seed}", f"--run_dir={warm}", *args.overrides,
                                      "--iterations=0"])["before"]
-        rows.setdefault("warm start", []).append(scores(before))
+        rows.setdefault("warm start", []).append(dict(scores(before), seed=seed))
         for name in args.variants:
             run_dir = os.path.join(root, _slug(name))
             _copy_warm_start(warm, run_dir)
             summary = appworld_loop.main([f"--seed={seed}", f"--run_dir={run_dir}",
                                           *VARIANTS[name], *args.overrides, "--resume"])
             assert summary["before"] == before, "the variant did not start from the shared warm start"
-            rows.setdefault(name, []).append(scores(summary["after"]))
+            rows.setdefault(name, []).append(dict(scores(summary["after"]), seed=seed))
         if not args.no_ceiling:
             ceiling = appworld_loop.main([f"--seed={seed}", f"--run_dir={root}/careful_sft",
                                           *args.overrides, "--demo_careful=1.0", "--iterations=0"])
-            rows.setdefault("careful SFT (no RL)", []).append(scores(ceiling["before"]))
+            rows.setdefault("careful SFT (no RL)", []).append(dict(scores(ceiling["before"]),
+                                                                       seed=seed))
     table = {name: {k: {"mean": float(np.mean([r[k] for r in rs])),
                         "min": float(np.min([r[k] for r in rs])),
                         "max": float(np.max([r[k] for r in rs])),
                         "per_seed": [r[k] for r in rs]} for k in rs[0] if k != "seed"}
              for name, rs in rows.items()}
     for name, rs in rows.items():
-        table[name]["seeds"] = [r.get("seed", s) for r, s in zip(rs, args.seeds)]
+        table[name]["seeds"] = [r["seed"] for r in rs]
 
     def cell(v):
         return f"{100 * v['mean']:5.1f} ({100 * v['min']:4.1f}-{100 * v['max']:5.1f})"
