@@ -35,7 +35,8 @@ class ModelConfig:
     # Attention without a KV cache (the learner's forward) runs this many queries at a time against
     # the keys up to the block's end: scores never exceed [chunk, T], blocks above the causal
     # diagonal are skipped, and each block is recomputed in the backward pass. 0 = one T x T block.
-    attention_chunk: int = 1024
+    # 256 is the fastest on the 2-core CPU at T = 2048 (docs/performance.md).
+    attention_chunk: int = 256
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

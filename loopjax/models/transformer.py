@@ -129,9 +129,33 @@ def linear(x, p, name, lora_p, lora_scale):
         y = y + p[name]["bias"][None, None]
     if lora_p is not None and name in lora_p:
         a, b = lora_p[name]["a"], lora_p[name]["b"]
-        y = y + (lora_scale * jnp.einsum("btr,rf->btf", jnp.einsum("btd,dr->btr", x, a.astype(x.dtype)),
-                                                                          b.astype(x.dtype))).astype(y.dtype)
+        y = y + _lora_delta(lora_scale, x, a.astype(x.dtype), b.astype(x.dtype)).astype(y.dtype)
     return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lora_delta(scale, x_BxTxD, a_DxR, b_RxF):
+    """scale * (x A) B."""
+    return scale * jnp.einsum("btr,rf->btf", jnp.einsum("btd,dr->btr", x_BxTxD, a_DxR), b_RxF)
+
+
+def _lora_delta_fwd(scale, x, a, b):
+    xa = jnp.einsum("btd,dr->btr", x, a)
+    return scale * jnp.einsum("btr,rf->btf", xa, b), (x, a, b, xa)
+
+
+def _lora_delta_bwd(scale, residuals, dy_BxTxF):
+    """The adapter's gradients contract over tokens with the rank-r factor on the left (r x T),
+    so the T x D input is read in place, never transposed (XLA transposes the larger operand
+    of x^T g, and with it recomputes and re-reads the input's elementwise producer)."""
+    x, a, b, xa = residuals
+    g_BxTxR = scale * jnp.einsum("btf,rf->btr", dy_BxTxF, b)
+    da = jnp.einsum("btr,btd->rd", g_BxTxR, x).T
+    db = scale * jnp.einsum("btr,btf->rf", xa, dy_BxTxF)
+    return jnp.einsum("btr,dr->btd", g_BxTxR, a), da, db
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def attention(q_BxTxHxDh, k_BxSxHkxDh, v_BxSxHkxDh, mask_BxTxS):
@@ -155,28 +179,107 @@ def _segment_causal_mask(seg_q_BxC, seg_k_BxS, q_start: int):
     return (seg_q_BxC[:, :, None] == seg_k_BxS[:, None, :]) & causal_CxS[None]
 
 
+def _blocks(T: int, chunk: int) -> list[tuple[int, int]]:
+    """Query blocks [a, b) of `chunk` queries (one block when chunk is 0 or >= T)."""
+    chunk = T if not chunk or T <= chunk else chunk
+    return [(a, min(a + chunk, T)) for a in range(0, T, chunk)]
+
+
+def _group_heads(x_BxCxHxDh, Hk):
+    """B x C x H x Dh -> B x Hk x (G*C) x Dh: each KV head's G query heads as one matrix of rows."""
+    B, C, H, Dh = x_BxCxHxDh.shape
+    x = x_BxCxHxDh.reshape(B, C, Hk, H // Hk, Dh).transpose(0, 2, 3, 1, 4)
+    return x.reshape(B, Hk, (H // Hk) * C, Dh)
+
+
+def _ungroup_heads(x_BxHkxMxDh, C):
+    B, Hk, M, Dh = x_BxHkxMxDh.shape
+    x = x_BxHkxMxDh.reshape(B, Hk, M // C, C, Dh).transpose(0, 3, 1, 2, 4)
+    return x.reshape(B, C, M // C * Hk, Dh)
+
+
+def _block_probs(q_BxHkxMxDh, kT_BxHkxDhxS, seg_q_BxC, seg_k_BxS, a, lse=None):
+    """One query block's masked softmax probabilities over keys [0, S) (fp32 or float64), and the
+    log-sum-exp of each row; with `lse` given (the backward pass) it is reused, not recomputed."""
+    B, Hk, M, _ = q_BxHkxMxDh.shape
+    C, S = seg_q_BxC.shape[1], seg_k_BxS.shape[1]
+    acc = acc_dtype(q_BxHkxMxDh.dtype)
+    s = jnp.einsum("bkmd,bkds->bkms", q_BxHkxMxDh, kT_BxHkxDhxS,
+                   preferred_element_type=acc) * (q_BxHkxMxDh.shape[-1] ** -0.5)
+    mask = _segment_causal_mask(seg_q_BxC, seg_k_BxS, a)[:, None, None]  # B x 1 x 1 x C x S
+    s = jnp.where(mask, s.reshape(B, Hk, M // C, C, S), -jnp.inf).reshape(B, Hk, M, S)
+    if lse is None:  # every query sees at least itself, so each row has a finite max
+        m = jnp.max(s, axis=-1, keepdims=True)
+        lse = m + jnp.log(jnp.sum(jnp.exp(s - m), axis=-1, keepdims=True))
+    return jnp.exp(s - lse), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _causal_attention(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT):
+    return _causal_attention_fwd(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT)[0]
+
+
+def _causal_attention_fwd(chunk, q, k, v, seg):
+    B, T, H, Dh = q.shape
+    Hk = k.shape[2]
+    kT, v_h = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # B x Hk x Dh x T, B x Hk x T x Dh
+    outs, lses = [], []
+    for a, b in _blocks(T, chunk):
+        q_h = _group_heads(q[:, a:b], Hk)
+        p, lse = _block_probs(q_h, kT[..., :b], seg[:, a:b], seg[:, :b], a)
+        o = jnp.einsum("bkms,bksd->bkmd", p.astype(v.dtype), v_h[:, :, :b])
+        outs.append(_ungroup_heads(o, b - a))
+        lses.append(lse)
+    out = jnp.concatenate(outs, axis=1)
+    return out, (q, k, v, seg, out, lses)
+
+
+def _causal_attention_bwd(chunk, residuals, dout):
+    """Flash-attention's backward, one query block at a time: P is recomputed from the saved
+    log-sum-exp, dS = P * (dP - rowsum(dO * O)); dK and dV are accumulated transposed
+    (Dh x T), so that no T-sized matrix is ever transposed."""
+    q, k, v, seg, out, lses = residuals
+    B, T, H, Dh = q.shape
+    Hk = k.shape[2]
+    acc = acc_dtype(q.dtype)
+    scale = Dh ** -0.5
+    kT, vT, k_h = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 3, 1), k.transpose(0, 2, 1, 3)
+    dkT = jnp.zeros((B, Hk, Dh, T), acc)
+    dvT = jnp.zeros((B, Hk, Dh, T), acc)
+    dqs = []
+    for (a, b), lse in zip(_blocks(T, chunk), lses):
+        q_h = _group_heads(q[:, a:b], Hk)
+        do_h = _group_heads(dout[:, a:b], Hk)
+        o_h = _group_heads(out[:, a:b], Hk)
+        p, _ = _block_probs(q_h, kT[..., :b], seg[:, a:b], seg[:, :b], a, lse)
+        dp = jnp.einsum("bkmd,bkds->bkms", do_h, vT[..., :b], preferred_element_type=acc)
+        delta = jnp.sum(do_h.astype(acc) * o_h.astype(acc), axis=-1, keepdims=True)
+        ds = (p * (dp - delta) * scale).astype(q.dtype)  # the gradient of the unscaled scores
+        dq = jnp.einsum("bkms,bksd->bkmd", ds, k_h[:, :, :b], preferred_element_type=acc)
+        dqs.append(_ungroup_heads(dq, b - a).astype(q.dtype))
+        dkT = dkT.at[..., :b].add(jnp.einsum("bkmd,bkms->bkds", q_h, ds, preferred_element_type=acc))
+        dvT = dvT.at[..., :b].add(jnp.einsum("bkmd,bkms->bkds", do_h, p.astype(v.dtype),
+                                             preferred_element_type=acc))
+    dk = dkT.transpose(0, 3, 1, 2).astype(k.dtype)
+    dv = dvT.transpose(0, 3, 1, 2).astype(v.dtype)
+    return jnp.concatenate(dqs, axis=1), dk, dv, None
+
+
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
 def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT, chunk: int):
-    """Causal attention within segments (packed rows), `chunk` queries at a time.
+    """Causal attention within segments (packed rows), `chunk` queries at a time; B x T x H*Dh.
 
-    Query block [a, b) attends to keys [0, b) only: the scores never exceed [chunk, T], the blocks
-    above the diagonal are never computed, and each block is rematerialized in the backward pass,
-    so attention memory is one block's whatever T is. chunk 0 (or T <= chunk): one dense block.
+    Query block [a, b) attends to keys [0, b) only: the scores never exceed [chunk, T] and blocks
+    above the causal diagonal are never computed. The backward pass is written out (flash
+    attention's, a query block at a time): it recomputes each block's probabilities from the saved
+    log-sum-exp, so no T x T array is kept, and every matmul reads its T-sized operands in place
+    (XLA would otherwise transpose the scores). chunk 0 (or T <= chunk): one block.
     """
-    T = q_BxTxHxDh.shape[1]
-    if not chunk or T <= chunk:
-        return attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh,
-                         _segment_causal_mask(segment_ids_BxT, segment_ids_BxT, 0))
-
-    @functools.partial(jax.checkpoint, static_argnums=(5,))
-    def one_block(q, k, v, seg_q, seg_k, start):
-        return attention(q, k, v, _segment_causal_mask(seg_q, seg_k, start))
-
-    outs = []
-    for a in range(0, T, chunk):
-        b = min(a + chunk, T)
-        outs.append(one_block(q_BxTxHxDh[:, a:b], k_BxTxHkxDh[:, :b], v_BxTxHkxDh[:, :b],
-                              segment_ids_BxT[:, a:b], segment_ids_BxT[:, :b], a))
-    return jnp.concatenate(outs, axis=1)
+    B, T, H, Dh = q_BxTxHxDh.shape
+    out = _causal_attention(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT)
+    return out.reshape(B, T, H * Dh)
 
 
 def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cache):
@@ -283,9 +386,17 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
 
 def unembed(config: ModelConfig, params, h_BxTxD):
     """fp32 logits; the matmul accumulates in fp32 without upcasting bf16 weights in memory."""
-    w_DxV = params["embed"].T if config.tie_embeddings else params["unembed"]
+    return _logits(unembedding(config, params), h_BxTxD)
+
+
+def unembedding(config: ModelConfig, params):
+    """W, D x V: the embedding transposed when tied."""
+    return params["embed"].T if config.tie_embeddings else params["unembed"]
+
+
+def _logits(w_DxV, h_BxTxD):
     return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(h_BxTxD.dtype),
-                                        preferred_element_type=acc_dtype(h_BxTxD.dtype))
+                      preferred_element_type=acc_dtype(h_BxTxD.dtype))
 
 
 def forward(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None,
@@ -302,8 +413,10 @@ def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=Non
     """logp_BxT[b, t] = log p(tokens[b, t] | tokens[b, <t]) within its segment.
 
     0 at t = 0, at each segment's first token and on padding. The log-softmax over V runs on chunks
-    of `config.logits_chunk` tokens, rematerialized in the backward pass, so a [B, T, V] array of
-    logits never exists at once (152K-vocab Qwen at T = 32K would need 19 GB per row).
+    of `config.logits_chunk` tokens, so a [B, T, V] array of logits never exists at once (152K-vocab
+    Qwen at T = 32K would need 19 GB per row). With a LoRA adapter the unembedding is frozen, and
+    the gradient of each log-prob with respect to its hidden state is formed in the forward pass
+    (`_frozen_unembed_logprobs`); with trained weights each chunk is rematerialized instead.
     """
     B, T = tokens_BxT.shape
     if segment_ids_BxT is None:
@@ -320,16 +433,57 @@ def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=Non
     h_NxBxCxD = h_pad.reshape(B, n, C, -1).transpose(1, 0, 2, 3)
     tgt_NxBxC = tgt_pad.reshape(B, n, C).transpose(1, 0, 2)
 
-    @jax.checkpoint
-    def chunk(args):
-        h_BxCxD, tgt_BxC = args
-        logits_BxCxV = unembed(config, params, h_BxCxD) / temperature
-        picked = jnp.take_along_axis(logits_BxCxV, tgt_BxC[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits_BxCxV, axis=-1)
-
-    lp_NxBxC = jax.lax.map(chunk, (h_NxBxCxD, tgt_NxBxC))
+    w_DxV = unembedding(config, params)
+    if lora is not None:
+        lp_NxBxC = _frozen_unembed_logprobs(temperature, jax.lax.stop_gradient(w_DxV),
+                                            h_NxBxCxD, tgt_NxBxC)
+    else:
+        lp_NxBxC = jax.lax.map(jax.checkpoint(
+            lambda args: _chunk_logprobs(w_DxV, *args, temperature)[0]), (h_NxBxCxD, tgt_NxBxC))
     lp_next_BxT = lp_NxBxC.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
     logp_BxT = jnp.concatenate([jnp.zeros((B, 1), lp_next_BxT.dtype), lp_next_BxT[:, :-1]], axis=1)
     continues = (segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1]) & (segment_ids_BxT[:, 1:] > 0)
     valid_BxT = jnp.concatenate([jnp.zeros((B, 1), bool), continues], axis=1)
     return jnp.where(valid_BxT, logp_BxT, 0.0)
+
+
+def _chunk_logprobs(w_DxV, h_BxCxD, tgt_BxC, temperature):
+    """log softmax(h W / temperature)[target] of one chunk, and the softmax probabilities."""
+    logits_BxCxV = _logits(w_DxV, h_BxCxD) / temperature
+    picked = jnp.take_along_axis(logits_BxCxV, tgt_BxC[..., None], axis=-1)[..., 0]
+    lse = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    return picked - lse, lambda: jnp.exp(logits_BxCxV - lse[..., None])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _frozen_unembed_logprobs(temperature, w_DxV, h_NxBxCxD, tgt_NxBxC):
+    """Chunked token log-probs under a frozen unembedding W (the caller stops its gradient)."""
+    return jax.lax.map(lambda args: _chunk_logprobs(w_DxV, *args, temperature)[0],
+                       (h_NxBxCxD, tgt_NxBxC))
+
+
+def _frozen_unembed_fwd(temperature, w_DxV, h_NxBxCxD, tgt_NxBxC):
+    """Each log-prob depends on its own hidden state only, through
+    d logp_t / d h_t = (W[:, y_t] - W p_t) / temperature, a D-vector formed here while p_t is at
+    hand; the backward pass only scales it. Two V x D matmuls per chunk instead of three
+    (forward, rematerialized forward, backward), and no transpose of the logits' gradient."""
+    def chunk(args):
+        h_BxCxD, tgt_BxC = args
+        lp, probs = _chunk_logprobs(w_DxV, h_BxCxD, tgt_BxC, temperature)
+        w = w_DxV.astype(h_BxCxD.dtype)
+        expected_BxCxD = jnp.einsum("bcv,dv->bcd", probs().astype(h_BxCxD.dtype), w,
+                                    preferred_element_type=acc_dtype(h_BxCxD.dtype))
+        picked_BxCxD = jnp.take(w.T, tgt_BxC, axis=0).astype(expected_BxCxD.dtype)
+        return lp, ((picked_BxCxD - expected_BxCxD) / temperature).astype(h_BxCxD.dtype)
+
+    lp, dlp_dh = jax.lax.map(chunk, (h_NxBxCxD, tgt_NxBxC))
+    return lp, (dlp_dh, w_DxV)
+
+
+def _frozen_unembed_bwd(temperature, residuals, g_NxBxC):
+    dlp_dh, w_DxV = residuals
+    dh = (g_NxBxC[..., None] * dlp_dh.astype(g_NxBxC.dtype)).astype(dlp_dh.dtype)
+    return jnp.zeros_like(w_DxV), dh, None
+
+
+_frozen_unembed_logprobs.defvjp(_frozen_unembed_fwd, _frozen_unembed_bwd)
