@@ -254,25 +254,3 @@ def test_unmatched_param_raises():
     mesh = make_mesh("1,-1,1")
     with pytest.raises(ValueError, match="no partition rule matches.*mystery"):
         param_shardings(mesh, {"layers": {"mystery": jnp.zeros((2, 4))}})
-
-
-def test_chunked_attention_gradients_match_dense():
-    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=8)
-    params = init_params(config, jax.random.key(0))
-    tokens = jnp.asarray(_tokens((2, 19), seed=5, vocab=64))
-    segments = jnp.asarray(np.array([[1] * 8 + [2] * 9 + [0] * 2, [1] * 19]), jnp.int32)
-    positions = jnp.asarray(np.array([list(range(8)) + list(range(9)) + [0, 0], list(range(19))]))
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 19)), jnp.float32)
-
-    def objective(params, chunk):
-        logp = token_logprobs(config.replace(attention_chunk=chunk), params, tokens,
-                              positions_BxT=positions, segment_ids_BxT=segments)
-        return jnp.sum(logp * weights)
-
-    dense, g_dense = jax.value_and_grad(objective)(params, 0)
-    for chunk in (4, 5, 18):
-        value, grads = jax.value_and_grad(objective)(params, chunk)
-        np.testing.assert_allclose(value, dense, rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                     grads, g_dense)
