@@ -136,7 +136,7 @@ def linear(x, p, name, lora_p, lora_scale):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lora_delta(scale, x_BxTxD, a_DxR, b_RxF):
     """scale * (x A) B."""
-    return scale * jnp.einsum("btr,rf->btf", jnp.einsum("btd,dr->btr", x_BxTxD, a_DxR), b_RxF)
+    return _lora_delta_fwd(scale, x_BxTxD, a_DxR, b_RxF)[0]
 
 
 def _lora_delta_fwd(scale, x, a, b):
@@ -448,11 +448,12 @@ def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=Non
 
 
 def _chunk_logprobs(w_DxV, h_BxCxD, tgt_BxC, temperature):
-    """log softmax(h W / temperature)[target] of one chunk, and the softmax probabilities."""
+    """log softmax(h W / temperature)[target] of one chunk, and the softmax probabilities (unused,
+    and so never computed, where only the log-probs are taken)."""
     logits_BxCxV = _logits(w_DxV, h_BxCxD) / temperature
     picked = jnp.take_along_axis(logits_BxCxV, tgt_BxC[..., None], axis=-1)[..., 0]
     lse = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    return picked - lse, lambda: jnp.exp(logits_BxCxV - lse[..., None])
+    return picked - lse, jnp.exp(logits_BxCxV - lse[..., None])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -471,7 +472,7 @@ def _frozen_unembed_fwd(temperature, w_DxV, h_NxBxCxD, tgt_NxBxC):
         h_BxCxD, tgt_BxC = args
         lp, probs = _chunk_logprobs(w_DxV, h_BxCxD, tgt_BxC, temperature)
         w = w_DxV.astype(h_BxCxD.dtype)
-        expected_BxCxD = jnp.einsum("bcv,dv->bcd", probs().astype(h_BxCxD.dtype), w,
+        expected_BxCxD = jnp.einsum("bcv,dv->bcd", probs.astype(h_BxCxD.dtype), w,
                                     preferred_element_type=acc_dtype(h_BxCxD.dtype))
         picked_BxCxD = jnp.take(w.T, tgt_BxC, axis=0).astype(expected_BxCxD.dtype)
         return lp, ((picked_BxCxD - expected_BxCxD) / temperature).astype(h_BxCxD.dtype)
