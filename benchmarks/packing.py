@@ -1,16 +1,19 @@
-"""The LOOP update on real rollouts, packed several per forward row vs one per row: ONE JSON line.
+"""The LOOP update on real rollouts, three ways: ONE JSON line.
 
     python benchmarks/packing.py                  # needs a finished default run (runs/miniworld-tiny)
     python benchmarks/packing.py --run_dir runs/x --iterations 3
+    python benchmarks/packing.py -- --compact_prompt=false --max_seq_len=4096 --epochs.buckets=4096
 
 Restores the run's last checkpoint, samples `--iterations` iterations of the run's G x K rollouts
 with its policy (the same code path as `python -m experiments.appworld_loop`), and times the
-epochs of LOOP updates over each iteration's rollouts twice from the same state: with packing (the
-default, `--epochs.pack=true`) and with one rollout per row (`--epochs.pack=false`, what loopjax did
-before). Both run in this process on the same rollouts and plans, each in two passes over all
-iterations: the first compiles every (rows, T) shape it meets, the second reuses them (a long run's
-steady state). Reports both passes' update seconds, the programs compiled, and the forward
-tokens (rows x T) per step.
+epochs of LOOP updates over each iteration's rollouts from the same state: one rollout per row
+(`--epochs.pack=false`), several packed per row (`--epochs.pack=true`, the default), and packed
+with each task's prompt held once per microbatch (`--epochs.share_prefix=true`: a tree row, whole
+tasks per minibatch). All run in this process on the same rollouts, each in two passes over all
+iterations: the first compiles every (rows, T) shape it meets, the second reuses them (a long
+run's steady state). Reports both passes' update seconds, the programs compiled, the forward
+tokens (rows x T) per step and the tokens held in them (not padding). Options after `--` go to
+the run's config (a different prompt, K, bucket).
 """
 
 import argparse
@@ -59,13 +62,17 @@ def main():
 
     saved = jax.device_get(trainer.state.replace(base=None))
     out = {"benchmark": "packing", "run_dir": args.run_dir, "rollouts": len(lengths),
-           "mean_len": float(np.mean(lengths)), "max_len": int(np.max(lengths))}
-    for name, pack in (("packed", True), ("one_per_row", False)):
-        epochs = dataclasses.replace(config.epochs, pack=pack)
+           "mean_len": float(np.mean(lengths)), "max_len": int(np.max(lengths)),
+           "mean_prompt_len": float(np.mean([np.argmax(r.is_output) for records, _ in work
+                                             for r in records])),
+           "rollouts_per_task": K}
+    for name, pack, share in (("one_per_row", False, False), ("packed", True, False),
+                              ("shared_prefix", True, True)):
+        epochs = dataclasses.replace(config.epochs, pack=pack, share_prefix=share)
         compiles0 = trainer.update_step.num_compiles()
         passes = []
         for _ in range(2):  # the first pass compiles every shape it meets; the second reuses them
-            t_pass, steps, fwd_tokens = 0.0, 0, 0
+            t_pass, steps, fwd_tokens, held = 0.0, 0, 0, 0
             for i, (records, adv) in enumerate(work):
                 state = jax.device_put(saved, trainer.update_step.state_shardings)
                 state = state.replace(base=trainer.state.base)
@@ -76,14 +83,20 @@ def main():
                 t_pass += time.perf_counter() - t0
                 steps += len(history)
                 fwd_tokens += sum(h["rows"] * h["T"] for h in history)
+                held += sum(h["held_tokens"] for h in history)
             passes.append(t_pass)
         out[name] = {"first_pass_s": round(passes[0], 2), "second_pass_s": round(passes[1], 2),
                      "steps": steps, "compiles": trainer.update_step.num_compiles() - compiles0,
-                     "forward_tokens_per_step": round(fwd_tokens / max(steps, 1))}
-    kept = out["packed"]["forward_tokens_per_step"], out["one_per_row"]["forward_tokens_per_step"]
-    out["forward_token_ratio"] = round(kept[1] / max(kept[0], 1), 2)
-    out["second_pass_speedup"] = round(out["one_per_row"]["second_pass_s"]
-                                       / max(out["packed"]["second_pass_s"], 1e-9), 2)
+                     "forward_tokens_per_step": round(fwd_tokens / max(steps, 1)),
+                     "held_tokens_per_step": round(held / max(steps, 1))}
+    for a, b in (("one_per_row", "packed"), ("packed", "shared_prefix")):
+        out[f"{b}_vs_{a}"] = {
+            "forward_token_ratio": round(out[a]["forward_tokens_per_step"]
+                                         / max(out[b]["forward_tokens_per_step"], 1), 2),
+            "held_token_ratio": round(out[a]["held_tokens_per_step"]
+                                      / max(out[b]["held_tokens_per_step"], 1), 2),
+            "second_pass_speedup": round(out[a]["second_pass_s"]
+                                         / max(out[b]["second_pass_s"], 1e-9), 2)}
     print(json.dumps(out), flush=True)
 
 

@@ -88,12 +88,15 @@ class EpochConfig:
     kl_stop: float = 20.0  # stop the iteration's remaining steps once |kl_k1| exceeds this
     max_nan_skips: int = 20  # more skipped (non-finite) steps than this aborts training
     pack: bool = True  # several rollouts per forward row (fewer padded tokens); False: one per row
+    share_prefix: bool = False  # minibatches of whole tasks, each task's prompt held once per row
 
     def __post_init__(self):
         if self.epochs_per_iteration < 1:
             raise ValueError(f"epochs_per_iteration must be >= 1, got {self.epochs_per_iteration}")
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)):
             raise ValueError(f"buckets {self.buckets} must be a non-empty ascending tuple")
+        if self.share_prefix and not self.pack:
+            raise ValueError("share_prefix packs a task's rollouts into one row: it needs pack=True")
 
 
 @dataclasses.dataclass(frozen=True)

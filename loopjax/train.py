@@ -243,7 +243,8 @@ def iteration(rs: RunState, it: int) -> dict:
         "compiles/sampler": sum(sampling_engine.TRACES.values()),
     }
     if history:
-        for k in ("loss", "grad_norm", "clip_fraction", "kl_k1", "kl_k3", "rows", "T"):
+        for k in ("loss", "grad_norm", "clip_fraction", "kl_k1", "kl_k3", "rows", "T",
+                  "held_tokens"):
             metrics[f"update/{k}"] = float(np.mean([h[k] for h in history]))
         metrics["update/stopped_on_kl"] = float(history[-1]["stopped_on_kl"])
         metrics["update/nan_skips"] = history[-1]["nan_skips"]

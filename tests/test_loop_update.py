@@ -203,6 +203,57 @@ def test_packed_batch_reads_back_every_rollout(pack, micro):
     assert batch.weight_UxB.sum() == 7 and (R < 8 // micro) == pack
 
 
+@pytest.mark.parametrize("micro", [1, 2])
+def test_tree_rows_hold_each_prompt_once(micro):
+    """share_prefix: slot i % B of microbatch i // B reads back rollout i (tokens, positions
+    0..n-1); a task's rollouts in one microbatch hold their prompt once, up to (not into) their
+    first generated token; their branches attend to it (prefix ids), other tasks' do not."""
+    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
+    rollouts = shared_prompt_rollouts()  # groups 0, 0, 0, 1, 1, 2
+    adv = np.arange(1, 7, dtype=np.float32)
+    batch = pack_minibatch(rollouts, adv, 8, 64, pack=True, microbatches=micro, share_prefix=True)
+    U, R, T = batch.tokens_UxRxT.shape
+    B = 8 // micro
+    held = 0
+    for u in range(U):
+        members = range(u * B, min((u + 1) * B, 6))
+        expect = sum(len(rollouts[i].tokens) for i in members)
+        for g in {rollouts[i].group for i in members}:
+            same = [rollouts[i] for i in members if rollouts[i].group == g]
+            if len(same) > 1:  # L = the prompt minus its last token (9, 7: see the rollouts)
+                expect -= (len(same) - 1) * ({0: 9, 1: 7}[g] - 1)
+        held += expect
+        assert np.sum(batch.segment_ids_UxRxT[u] > 0) == expect
+        for i in members:
+            r, b, n = rollouts[i], i % B, len(rollouts[i].tokens)
+            at = batch.src_UxBxT[u, b, :n]
+            np.testing.assert_array_equal(batch.tokens_UxRxT[u].reshape(-1)[at], r.tokens)
+            np.testing.assert_array_equal(batch.positions_UxRxT[u].reshape(-1)[at], np.arange(n))
+            np.testing.assert_array_equal(batch.mask_UxBxT[u, b, :n], r.is_output)
+            assert batch.adv_UxB[u, b] == adv[i]
+            seg, pre = (x[u].reshape(-1)[at] for x in (batch.segment_ids_UxRxT,
+                                                         batch.prefix_ids_UxRxT))
+            L = int(np.argmax(seg != seg[0])) if pre.max() else 0  # where its branch starts
+            if L:  # the prompt's tokens [0, L) in the prefix segment, the rest in its branch
+                assert np.all(seg[:L] == seg[0]) and np.all(pre[:L] == 0)
+                assert np.all(seg[L:] == seg[L]) and np.all(pre[L:] == seg[0])
+                assert not r.is_output[:L + 1].any()
+    assert held < sum(len(r.tokens) for r in rollouts)
+    with pytest.raises(ValueError, match="pack=True"):
+        EpochConfig(pack=False, share_prefix=True)
+
+
+def test_tree_units_split_at_the_row_length():
+    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
+    from loopjax.rollout.batch import tree_units  # noqa: PLC0415
+    rollouts = shared_prompt_rollouts()
+    (whole, L, n), *_ = tree_units(rollouts, range(6), 64)
+    assert whole == [0, 1, 2] and L == 8 and n == 8 + sum(len(rollouts[i].tokens) - 8 for i in whole)
+    short = max(len(rollouts[i].tokens) for i in range(3)) + 4  # room for one rollout and a bit
+    units = tree_units(rollouts, range(3), short)
+    assert [u[0] for u in units] == [[0], [1], [2]] and all(u[2] <= short for u in units)
+
+
 @pytest.mark.parametrize("level,mesh_shape,micro", [("token", "1,1,1", 0), ("turn", "1,1,1", 2),
                                                      ("trajectory", "1,1,1", 4),
                                                      ("token", "2,2,2", 4)])
@@ -284,6 +335,42 @@ def test_minibatch_plan_drops_signal_free_rollouts():
         assert all(len(p) <= 3 for p in plan)
         half = len(flat) // 2
         assert sorted(flat[:half]) == sorted(flat[half:]) == want
+
+
+def test_run_iteration_shares_prompts_when_asked():
+    """EpochConfig.share_prefix reaches the packer: the same rollouts take fewer held tokens per
+    step (each task's prompt once), and with one minibatch of whole tasks the step's loss is the
+    unshared step's."""
+    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
+    rollouts = shared_prompt_rollouts()
+    adv = np.array([1.0, -0.5, 0.7, 0.4, -0.9, 0.3], np.float32)
+    out = {}
+    for share in (False, True):
+        state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+        _, history = run_iteration(step, state, rollouts, adv, jax.random.key(0),
+                                   EpochConfig(epochs_per_iteration=1, buckets=(64,),
+                                               share_prefix=share))
+        out[share] = history[0]
+    assert out[True]["held_tokens"] == out[False]["held_tokens"] - 2 * 8 - 6
+    np.testing.assert_allclose(out[True]["loss"], out[False]["loss"], rtol=1e-5)
+
+
+def test_minibatch_plan_keeps_tasks_together():
+    """With groups (share_prefix), each task's kept rollouts are listed together, every kept
+    rollout once per epoch, and the task order is reshuffled between epochs."""
+    groups = np.repeat(np.arange(8), 3)
+    adv = np.where(np.arange(24) % 5 == 0, 0.0, 1.0).astype(np.float32)  # some dropped
+    plan = minibatch_plan(adv, np.full(24, 5), jax.random.key(1), minibatch_size=6, epochs=2,
+                          min_abs=0.01, positive_only=False, groups_N=groups)
+    flat = np.concatenate(plan)
+    half = len(flat) // 2
+    kept = np.flatnonzero(adv)
+    for epoch in (flat[:half], flat[half:]):
+        assert sorted(epoch) == kept.tolist()
+        order = groups[epoch]
+        assert np.all(np.diff(np.flatnonzero(np.diff(order) != 0)) > 0)  # runs, not interleaved
+        assert len(np.unique(order)) == np.sum(np.diff(order) != 0) + 1  # each task one run
+    assert groups[flat[:half]].tolist() != groups[flat[half:]].tolist()
 
 
 # --------------------------------------------------------------------------- learning on a toy task

@@ -174,6 +174,56 @@ def test_two_processes_log_the_same_iterations(runs):
         assert checked and checked[0] >= 2, log[-2000:]
 
 
+# LoRA (rank 4 on every projection) after a 4-step SFT warm start on the scripted agents'
+# demonstrations, whose 4 rows split over the 4 data-parallel devices.
+# The warm start's AdamW divides each gradient entry by its own magnitude, and in this tiny random
+# model some entries of the q_proj and k_proj adapters' B gradients are at float-rounding level
+# (near-uniform attention): there the two runs' last-bit differences become 1.1e-4 of the leaf's
+# scale (measured, every other leaf <= 2.5e-6). Training on another process's demonstrations, or on
+# half of them, differs at order 1.
+RTOL_SFT = 1e-3
+LORA_SFT = ["--update.train_full_weights=false", "--update.lora.rank=4", "--warm_start=sft",
+            "--sft_steps=4", "--sft_rows=4", "--sft_learning_rate=1e-2", "--iterations=2"]
+
+
+@pytest.fixture(scope="module")
+def lora_sft_runs(tmp_path_factory):
+    """One process and two processes, each LoRA after an SFT warm start, 2 iterations."""
+    ref, multi = (str(tmp_path_factory.mktemp(n) / "run") for n in ("one_lora", "two_lora"))
+    ref_proc = _launch(ref, 1, 4, *LORA_SFT)
+    try:
+        logs = _wait(_launch(multi, 2, 2, *LORA_SFT))
+    except BaseException:
+        _kill(ref_proc)
+        raise
+    return ref, multi, logs + _wait(ref_proc)
+
+
+def test_two_processes_train_the_same_lora_after_sft(lora_sft_runs):
+    ref, multi, logs = lora_sft_runs
+    for log in logs:  # every process ran the warm start and LOOP on the adapter
+        assert "warm start (sft)" in log and "sft step 3 loss" in log, log[-2000:]
+    for step in (0, 2):  # 0: the warm start's result; 2: after two LOOP iterations
+        want, got = _checkpoint(ref, step), _checkpoint(multi, step)
+        assert int(got["step"]) == int(want["step"]), step
+        for name, (diff, scale) in _max_diff(want, got).items():
+            assert diff <= RTOL_SFT * scale, (step, name, diff, scale)
+    assert int(_checkpoint(ref, 2)["step"]) >= 2
+    # Not vacuous: the adapter alone is trained (no embedding in it), the warm start made its B
+    # non-zero (LoRA starts at B = 0) and LOOP moved it again.
+    names = list(_max_diff(_checkpoint(ref, 0)["trainable"], _checkpoint(ref, 0)["trainable"]))
+    assert not any("embed" in n for n in names), names[:5]
+    assert max(np.max(np.abs(x)) for n, x in jax.tree_util.tree_leaves_with_path(
+        _checkpoint(ref, 0)["trainable"]) if "'b'" in jax.tree_util.keystr(n)) > 1e-3
+    moved = _max_diff(_checkpoint(ref, 0)["trainable"], _checkpoint(ref, 2)["trainable"])
+    assert max(d for d, _ in moved.values()) > 1e-4
+    want, got = _train_metrics(ref), _train_metrics(multi)
+    assert sorted(got) == sorted(want) == [1, 2]
+    for step in want:
+        for key, value in want[step].items():
+            assert got[step][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (step, key)
+
+
 def test_mesh_must_keep_fsdp_and_tensor_inside_a_host():
     # 2 hosts x 2 devices; the process owning each device, rows = "data" indices.
     assert host_data_rows(np.array([[0, 0], [1, 1]]), 1, 2, {}).tolist() == [1]

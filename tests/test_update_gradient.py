@@ -22,6 +22,7 @@ from loopjax.models.lora import init_lora
 from loopjax.rollout.batch import pack_minibatch
 from loopjax.models.transformer import init_params, token_logprobs
 from loopjax.sharding import make_mesh
+from conftest import as_rollout
 from test_loop_update import CFG, random_rollouts
 
 M = 8  # minibatch slots; 6 hold rollouts, 2 are empty (weight 0), so the denominator M != kept
@@ -30,12 +31,38 @@ ADV = np.array([1.3, -0.8, 0.2, 0.9, -1.1, 0.6], np.float32)
 LO, HI = 1 / 1.1, 1.1  # the reference clip form at eps 0.1
 
 
-def _rollouts():
-    rollouts = random_rollouts(21, len(ADV), min_len=5, max_len=14)
+def _rollouts(shared=False):
+    rollouts = shared_prompt_rollouts() if shared else random_rollouts(21, len(ADV), min_len=5,
+                                                                         max_len=14)
     for i, r in enumerate(rollouts):  # old log-probs near the policy's (about -log 64) +- 0.3
         r.logp = np.where(r.is_output, -np.log(CFG.vocab_size) + 0.3 * np.sin(np.arange(
             len(r.tokens)) + i), 0.0).astype(np.float32)
     return rollouts
+
+
+def shared_prompt_rollouts(seed=5):
+    """Three tasks' rollouts (groups 0, 0, 0, 1, 1, 2): each task's rollouts begin with the same
+    prompt, then take turns of generated tokens and observations of their own. Two of task 0's
+    rollouts also begin their answer with the same two tokens (the common prefix reaches into
+    generated tokens, which a tree must not share)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, CFG.vocab_size, n) for n in (9, 7, 8)]
+    first_answer = rng.integers(0, CFG.vocab_size, 2)
+    out = []
+    for i, g in enumerate([0, 0, 0, 1, 1, 2]):
+        tokens, is_output, turn = [prompts[g]], [np.zeros(len(prompts[g]), bool)], [np.zeros(len(prompts[g]), int)]
+        for t in range(int(rng.integers(1, 3))):
+            answer = rng.integers(0, CFG.vocab_size, int(rng.integers(2, 5)))
+            if i < 2 and t == 0:
+                answer = np.concatenate([first_answer, answer])
+            observation = rng.integers(0, CFG.vocab_size, int(rng.integers(1, 3)))
+            tokens += [answer, observation]
+            is_output += [np.ones(len(answer), bool), np.zeros(len(observation), bool)]
+            turn += [np.full(len(answer), t), np.full(len(observation), t)]
+        tokens, is_output = np.concatenate(tokens), np.concatenate(is_output)
+        out.append(as_rollout(tokens=tokens, is_output=is_output, logp=np.zeros(len(tokens)),
+                              turn_id=np.concatenate(turn), group=g))
+    return out
 
 
 def _sgd(config):
@@ -54,12 +81,12 @@ def _surrogate(log_ratio, a):
 
 
 @functools.cache
-def reference_grad(full_weights, level, positive_only):
+def reference_grad(full_weights, level, positive_only, shared=False):
     """d/d trainable of -(1/M) * sum over the kept rollouts of their mean clipped surrogate, at
     the trainable params every sgd_step starts from; ratios per token, per turn (the product over
     the turn's generated tokens) or per trajectory."""
     trainable, base = _initial(full_weights)
-    rollouts = _rollouts()
+    rollouts = _rollouts(shared)
 
     def loss(trainable):
         params, lora = split_params(trainable, base)
@@ -96,8 +123,9 @@ def _initial(full_weights):
     return jax.device_get(lora), params
 
 
-def sgd_step(monkeypatch, config, mesh, pack):
-    """(trainable before, trainable after one SGD step at lr 1, metrics) from `_initial`."""
+def sgd_step(monkeypatch, config, mesh, pack, share=False):
+    """(trainable before, trainable after one SGD step at lr 1, metrics) from `_initial`; with
+    `share`, on `shared_prompt_rollouts` packed as trees (pack_minibatch(share_prefix=True))."""
     monkeypatch.setattr(update_module, "make_optimizer", lambda config: optax.sgd(1.0))
     trainable, base = _initial(config.train_full_weights)
     state = init_train_state(CFG, config, trainable if base is None else base, jax.random.key(1),
@@ -106,29 +134,34 @@ def sgd_step(monkeypatch, config, mesh, pack):
         state = state.replace(trainable=jax.device_put(trainable, jax.tree.map(
             lambda x: x.sharding, state.trainable)))
     step = make_update_step(CFG, config, mesh, state)
-    batch = pack_minibatch(_rollouts(), ADV, M, 16, pack=pack, microbatches=config.num_microbatches,
-                           multiple=mesh.shape["data"] * mesh.shape["fsdp"])
+    batch = pack_minibatch(_rollouts(share), ADV, M, 32 if share else 16, pack=pack,
+                           microbatches=config.num_microbatches,
+                           multiple=mesh.shape["data"] * mesh.shape["fsdp"], share_prefix=share)
     state, metrics = step(state, batch)
     return trainable, jax.device_get(state.trainable), jax.device_get(metrics)
 
 
-PATHS = {  # name: (level, mesh, microbatch_size, packed rows, full weights, adv_positive_only)
-    "one_device": ("token", "1,1,1", 0, False, False, False),
-    "one_device_microbatches_packed": ("turn", "1,1,1", 2, True, False, False),
-    "mesh_2x2x2_microbatches": ("token", "2,2,2", 4, False, False, False),
-    "mesh_2x2x2_turn_packed": ("turn", "2,2,2", 2, True, False, False),
-    "mesh_2x2x2_full_weights_trajectory_positive": ("trajectory", "2,2,2", 0, True, True, True),
+PATHS = {  # name: (level, mesh, microbatch_size, packed rows, full weights, adv_positive_only,
+    #               a task's rollouts packed as a tree with their prompt once)
+    "one_device": ("token", "1,1,1", 0, False, False, False, False),
+    "one_device_microbatches_packed": ("turn", "1,1,1", 2, True, False, False, False),
+    "mesh_2x2x2_microbatches": ("token", "2,2,2", 4, False, False, False, False),
+    "mesh_2x2x2_turn_packed": ("turn", "2,2,2", 2, True, False, False, False),
+    "mesh_2x2x2_full_weights_trajectory_positive": ("trajectory", "2,2,2", 0, True, True, True, False),
+    "shared_prefix_token": ("token", "1,1,1", 0, True, False, False, True),
+    "shared_prefix_turn_microbatches": ("turn", "1,1,1", 2, True, False, False, True),
+    "shared_prefix_mesh_2x2x2_full_weights_trajectory": ("trajectory", "2,2,2", 0, True, True, False, True),
 }
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_sgd_step_is_the_reference_gradient(monkeypatch, path):
-    level, mesh_shape, micro, pack, full, positive = PATHS[path]
+    level, mesh_shape, micro, pack, full, positive, share = PATHS[path]
     config = UpdateConfig(level=level, minibatch_size=M, microbatch_size=micro, remat=micro > 0,
                           adv_min_abs=MIN_ABS, adv_positive_only=positive, train_full_weights=full)
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:8 if mesh_shape == "2,2,2" else 1])
-    before, after, metrics = sgd_step(monkeypatch, config, mesh, pack)
-    want = reference_grad(full, level, positive)
+    before, after, metrics = sgd_step(monkeypatch, config, mesh, pack, share)
+    want = reference_grad(full, level, positive, share)
     got = jax.tree.map(lambda b, a: b - a, before, after)
     norm = float(optax.tree.norm(want))
     assert norm > 1e-3  # a gradient worth comparing

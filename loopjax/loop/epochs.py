@@ -3,7 +3,8 @@
 A minibatch's rows are as long as the smallest bucket length that holds its longest rollout.
 Rollouts are packed several to a forward row (`pack`, the default) into a few row counts per
 bucket, so a run compiles the update step at most a few times per bucket; unpacked, each rollout
-takes a row of its own.
+takes a row of its own. With `share_prefix` a task's rollouts stay together in a minibatch and
+each microbatch holds their common prompt once (a tree row: loopjax.rollout.batch.tree_units).
 """
 
 from __future__ import annotations
@@ -30,13 +31,20 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
 
 
 def minibatch_plan(adv_N, lengths_N, key, *, minibatch_size: int, epochs: int, min_abs: float,
-                   positive_only: bool) -> list[np.ndarray]:
+                   positive_only: bool, groups_N=None) -> list[np.ndarray]:
     """Index arrays of each minibatch, over all epochs: signal-free rollouts dropped, reshuffled
-    across tasks every epoch; the last minibatch of an epoch may be short (padded when packed)."""
+    across tasks every epoch; the last minibatch of an epoch may be short (padded when packed).
+    With `groups_N` (each rollout's task) whole tasks are shuffled instead, each task's kept
+    rollouts listed together (so that they can share their prompt: EpochConfig.share_prefix)."""
     kept = np.flatnonzero(keep_mask(np.asarray(adv_N), min_abs, positive_only))
     plan = []
     for key_e in jax.random.split(key, epochs):
-        order = kept[np.asarray(jax.random.permutation(key_e, len(kept)))] if len(kept) else kept
+        if groups_N is None:
+            order = kept[np.asarray(jax.random.permutation(key_e, len(kept)))] if len(kept) else kept
+        else:
+            tasks = np.unique(np.asarray(groups_N)[kept])
+            shuffled = tasks[np.asarray(jax.random.permutation(key_e, len(tasks)))] if len(tasks) else tasks
+            order = np.array([i for g in shuffled for i in kept if groups_N[i] == g], np.int64)
         plan += [order[i:i + minibatch_size] for i in range(0, len(order), minibatch_size)]
     return plan
 
@@ -46,7 +54,7 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
     """`epochs_per_iteration` epochs of minibatch updates over one iteration's rollouts.
 
     Returns (state, metrics): one dict of host floats per step taken, each with its bucket length
-    `T` and its number of forward `rows`; the last dict has `stopped_on_kl` True when
+    `T`, its number of forward `rows` and the `held_tokens` (not padding) in them; the last dict has `stopped_on_kl` True when
     |kl_k1| > kl_stop ended the iteration early.
     `progress(total)`, if given, makes a progress bar (with `update()` and `close()`) for the steps.
     """
@@ -58,7 +66,9 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
     lengths_N = np.array([len(r.tokens) for r in rollouts])
     plan = minibatch_plan(adv_N, lengths_N, key, minibatch_size=M,
                           epochs=config.epochs_per_iteration, min_abs=uc.adv_min_abs,
-                          positive_only=uc.adv_positive_only)
+                          positive_only=uc.adv_positive_only,
+                          groups_N=np.array([r.group for r in rollouts]) if config.share_prefix
+                          else None)
 
     # Every process knows all rollouts and the same plan: each packs the whole minibatch and hands
     # on the rows its own devices hold (multihost.global_batch).
@@ -67,21 +77,23 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
     def to_device(idx):
         T = bucket_length(int(lengths_N[idx].max()), config.buckets)
         batch = pack_minibatch([rollouts[i] for i in idx], adv_N[idx], M, T, pack=config.pack,
-                               microbatches=uc.num_microbatches, multiple=dp)
+                               microbatches=uc.num_microbatches, multiple=dp,
+                               share_prefix=config.share_prefix)
         return (multihost.global_batch(batch, update_step.batch_sharding), T,
-                batch.tokens_UxRxT.shape[0] * batch.tokens_UxRxT.shape[1])
+                batch.tokens_UxRxT.shape[0] * batch.tokens_UxRxT.shape[1],
+                int(np.sum(batch.segment_ids_UxRxT > 0)))
 
     history = []
     bar = progress(len(plan)) if progress is not None else None
     nxt = to_device(plan[0]) if plan else None
     for i in range(len(plan)):
-        batch, T, R = nxt
+        batch, T, R, held = nxt
         state, metrics = update_step(state, batch)
         # Pack and ship the next minibatch while this step runs; only then wait for its metrics.
         if i + 1 < len(plan):
             nxt = to_device(plan[i + 1])
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        metrics.update(T=T, rows=R, stopped_on_kl=False)
+        metrics.update(T=T, rows=R, held_tokens=held, stopped_on_kl=False)
         history.append(metrics)
         if bar is not None:
             bar.update(1)

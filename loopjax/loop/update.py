@@ -99,7 +99,8 @@ def rollout_logprobs(model_config, trainable, base, mb: Batch, temperature: floa
     gather's gradient scatters back into the rows."""
     params, lora = split_params(trainable, base)
     logp_RxT = token_logprobs(model_config, params, mb.tokens_UxRxT, positions_BxT=mb.positions_UxRxT,
-                              segment_ids_BxT=mb.segment_ids_UxRxT, lora=lora,
+                              segment_ids_BxT=mb.segment_ids_UxRxT,
+                              prefix_ids_BxT=mb.prefix_ids_UxRxT, lora=lora,
                               temperature=temperature)
     return jnp.take(logp_RxT.reshape(-1), mb.src_UxBxT, mode="clip")
 
@@ -186,7 +187,7 @@ class UpdateStep:
         rows_sh = microbatch_sharding(mesh)
         slots_sh = rows_sh if (config.minibatch_size // config.num_microbatches) % dp == 0 \
             else NamedSharding(mesh, P())
-        batch_sh = Batch(rows_sh, rows_sh, rows_sh, *([slots_sh] * 6))
+        batch_sh = Batch(rows_sh, rows_sh, rows_sh, rows_sh, *([slots_sh] * 6))
         self.batch_sharding = batch_sh
         self.state_shardings = state_sh
 

@@ -172,11 +172,19 @@ def attention(q_BxTxHxDh, k_BxSxHkxDh, v_BxSxHkxDh, mask_BxTxS):
     return out.reshape(B, T, H * Dh)
 
 
-def _segment_causal_mask(seg_q_BxC, seg_k_BxS, q_start: int):
-    """Query q_start + i may see key j <= q_start + i of its own segment."""
+def _segment_causal_mask(ids_q, ids_k, q_start: int):
+    """Query q_start + i may see key j <= q_start + i of its own segment, and of its shared prefix.
+
+    ids_q / ids_k are (segment_ids, prefix_ids) of the queries (B x C) and keys (B x S); prefix_ids
+    is None, or names the segment (a shared prompt earlier in the row) each token also attends to
+    (0: none), which makes a row a tree: a prompt once, then each rollout's continuation of it."""
+    (seg_q_BxC, pre_q_BxC), (seg_k_BxS, _) = ids_q, ids_k
     C, S = seg_q_BxC.shape[1], seg_k_BxS.shape[1]
     causal_CxS = (q_start + jnp.arange(C))[:, None] >= jnp.arange(S)[None, :]
-    return (seg_q_BxC[:, :, None] == seg_k_BxS[:, None, :]) & causal_CxS[None]
+    same_BxCxS = seg_q_BxC[:, :, None] == seg_k_BxS[:, None, :]
+    if pre_q_BxC is not None:
+        same_BxCxS |= (pre_q_BxC[:, :, None] == seg_k_BxS[:, None, :]) & (pre_q_BxC[:, :, None] > 0)
+    return same_BxCxS & causal_CxS[None]
 
 
 def _blocks(T: int, chunk: int) -> list[tuple[int, int]]:
@@ -198,15 +206,20 @@ def _ungroup_heads(x_BxHkxMxDh, C):
     return x.reshape(B, C, M // C * Hk, Dh)
 
 
-def _block_probs(q_BxHkxMxDh, kT_BxHkxDhxS, seg_q_BxC, seg_k_BxS, a, lse=None):
+def _cols(ids, a, b):
+    """Columns [a, b) of (segment_ids, prefix_ids or None)."""
+    return tuple(None if x is None else x[:, a:b] for x in ids)
+
+
+def _block_probs(q_BxHkxMxDh, kT_BxHkxDhxS, ids_q, ids_k, a, lse=None):
     """One query block's masked softmax probabilities over keys [0, S) (fp32 or float64), and the
     log-sum-exp of each row; with `lse` given (the backward pass) it is reused, not recomputed."""
     B, Hk, M, _ = q_BxHkxMxDh.shape
-    C, S = seg_q_BxC.shape[1], seg_k_BxS.shape[1]
+    C, S = ids_q[0].shape[1], ids_k[0].shape[1]
     acc = acc_dtype(q_BxHkxMxDh.dtype)
     s = jnp.einsum("bkmd,bkds->bkms", q_BxHkxMxDh, kT_BxHkxDhxS,
                    preferred_element_type=acc) * (q_BxHkxMxDh.shape[-1] ** -0.5)
-    mask = _segment_causal_mask(seg_q_BxC, seg_k_BxS, a)[:, None, None]  # B x 1 x 1 x C x S
+    mask = _segment_causal_mask(ids_q, ids_k, a)[:, None, None]  # B x 1 x 1 x C x S
     s = jnp.where(mask, s.reshape(B, Hk, M // C, C, S), -jnp.inf).reshape(B, Hk, M, S)
     if lse is None:  # every query sees at least itself, so each row has a finite max
         m = jnp.max(s, axis=-1, keepdims=True)
@@ -215,8 +228,8 @@ def _block_probs(q_BxHkxMxDh, kT_BxHkxDhxS, seg_q_BxC, seg_k_BxS, a, lse=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _causal_attention(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT):
-    return _causal_attention_fwd(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT)[0]
+def _causal_attention(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, ids):
+    return _causal_attention_fwd(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, ids)[0]
 
 
 def _causal_attention_fwd(chunk, q, k, v, seg):
@@ -226,7 +239,7 @@ def _causal_attention_fwd(chunk, q, k, v, seg):
     outs, lses = [], []
     for a, b in _blocks(T, chunk):
         q_h = _group_heads(q[:, a:b], Hk)
-        p, lse = _block_probs(q_h, kT[..., :b], seg[:, a:b], seg[:, :b], a)
+        p, lse = _block_probs(q_h, kT[..., :b], _cols(seg, a, b), _cols(seg, 0, b), a)
         o = jnp.einsum("bkms,bksd->bkmd", p.astype(v.dtype), v_h[:, :, :b])
         outs.append(_ungroup_heads(o, b - a))
         lses.append(lse)
@@ -251,7 +264,7 @@ def _causal_attention_bwd(chunk, residuals, dout):
         q_h = _group_heads(q[:, a:b], Hk)
         do_h = _group_heads(dout[:, a:b], Hk)
         o_h = _group_heads(out[:, a:b], Hk)
-        p, _ = _block_probs(q_h, kT[..., :b], seg[:, a:b], seg[:, :b], a, lse)
+        p, _ = _block_probs(q_h, kT[..., :b], _cols(seg, a, b), _cols(seg, 0, b), a, lse)
         dp = jnp.einsum("bkmd,bkds->bkms", do_h, vT[..., :b], preferred_element_type=acc)
         delta = jnp.sum(do_h.astype(acc) * o_h.astype(acc), axis=-1, keepdims=True)
         ds = (p * (dp - delta) * scale).astype(q.dtype)  # the gradient of the unscaled scores
@@ -268,8 +281,9 @@ def _causal_attention_bwd(chunk, residuals, dout):
 _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
-def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT, chunk: int):
+def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, ids, chunk: int):
     """Causal attention within segments (packed rows), `chunk` queries at a time; B x T x H*Dh.
+    `ids` = (segment_ids_BxT, prefix_ids_BxT or None): see `_segment_causal_mask`.
 
     Query block [a, b) attends to keys [0, b) only: the scores never exceed [chunk, T] and blocks
     above the causal diagonal are never computed. The backward pass is written out (flash
@@ -278,13 +292,13 @@ def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT, chun
     (XLA would otherwise transpose the scores). chunk 0 (or T <= chunk): one block.
     """
     B, T, H, Dh = q_BxTxHxDh.shape
-    out = _causal_attention(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT)
+    out = _causal_attention(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, ids)
     return out.reshape(B, T, H * Dh)
 
 
 def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cache):
-    """One pre-norm block. Without a cache `attend` is segment_ids_BxT (causal attention within
-    segments); with one it is mask_BxTxS over the cache, and kv_cache = (k_LxBxSxHkxDh,
+    """One pre-norm block. Without a cache `attend` is (segment_ids_BxT, prefix_ids_BxT or None)
+    (causal attention within segments and their shared prefixes); with one it is mask_BxTxS over the cache, and kv_cache = (k_LxBxSxHkxDh,
     v_LxBxSxHkxDh, write_idx_BxT, layer_idx): the whole cache and this block's layer in it.
     Returns (x, (k, v) updated)."""
     B, T, _ = x_BxTxD.shape
@@ -335,8 +349,10 @@ def _lora_parts(lora):
 
 
 def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None,
-                                    segment_ids_BxT=None, lora=None, cache: KVCache | None = None):
-    """Final-normed hidden states h_BxTxD (and the updated cache when given one)."""
+                  segment_ids_BxT=None, prefix_ids_BxT=None, lora=None,
+                  cache: KVCache | None = None):
+    """Final-normed hidden states h_BxTxD (and the updated cache when given one). Without a cache,
+    `prefix_ids_BxT` (optional) lets each token also attend to a shared prefix segment."""
     B, T = tokens_BxT.shape
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((B, T), jnp.int32)
@@ -344,7 +360,7 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
     if cache is None:
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(t_T, (B, T))
-        attend = segment_ids_BxT  # causal_attention builds each query block's mask itself
+        attend = (segment_ids_BxT, prefix_ids_BxT)  # causal_attention masks each query block
         write_idx_BxT = None
     else:
         # Row b's new tokens sit at cache positions lengths[b] + t; padding tokens (segment 0) are
@@ -409,8 +425,10 @@ def forward(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None, segm
 
 
 def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None,
-                                      segment_ids_BxT=None, lora=None, temperature: float = 1.0):
-    """logp_BxT[b, t] = log p(tokens[b, t] | tokens[b, <t]) within its segment.
+                   segment_ids_BxT=None, prefix_ids_BxT=None, lora=None,
+                   temperature: float = 1.0):
+    """logp_BxT[b, t] = log p(tokens[b, t] | tokens[b, <t]) within its segment (and the shared
+    prefix segment `prefix_ids_BxT` names, if any: `_segment_causal_mask`).
 
     0 at t = 0, at each segment's first token and on padding. The log-softmax over V runs on chunks
     of `config.logits_chunk` tokens, so a [B, T, V] array of logits never exists at once (152K-vocab
@@ -422,7 +440,8 @@ def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=Non
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((B, T), jnp.int32)
     h_BxTxD, _ = hidden_states(config, params, tokens_BxT, positions_BxT=positions_BxT,
-                                                          segment_ids_BxT=segment_ids_BxT, lora=lora)
+                               segment_ids_BxT=segment_ids_BxT, prefix_ids_BxT=prefix_ids_BxT,
+                               lora=lora)
     # Hidden state at t predicts token t + 1.
     targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros((B, 1), tokens_BxT.dtype)], axis=1)
     C = min(config.logits_chunk, T)
