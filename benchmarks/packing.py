@@ -2,7 +2,8 @@
 
     python benchmarks/packing.py                  # needs a finished default run (runs/miniworld-tiny)
     python benchmarks/packing.py --run_dir runs/x --iterations 3
-    python benchmarks/packing.py -- --compact_prompt=false --max_seq_len=4096 --epochs.buckets=4096
+    python benchmarks/packing.py --keep_all -- --compact_prompt=false --max_seq_len=4096 \
+        --max_obs_tokens=512 --epochs.buckets=4096,8192     # the full ReAct prompt, K = 6
 
 Restores the run's last checkpoint, samples `--iterations` iterations of the run's G x K rollouts
 with its policy (the same code path as `python -m experiments.appworld_loop`), and times the
@@ -38,6 +39,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--run_dir", default="runs/miniworld-tiny")
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--keep_all", action="store_true",
+                        help="advantages +-1 (alternating in each task) instead of the rewards' "
+                             "leave-one-out ones, so that no rollout is filtered: the learner's "
+                             "cost on every rollout, whatever the policy scores")
     parser.add_argument("overrides", nargs="*", help="extra --key=value options after --")
     args = parser.parse_args()
     config = resolve([f"--run_dir={args.run_dir}", "--resume", *args.overrides])
@@ -57,11 +62,14 @@ def main():
                                     straggler=False)  # all G x K, in order
         rewards = np.array([r.reward for r in records], np.float32).reshape(G, K)
         adv = np.asarray(advantages(rewards, config.update.baseline, config.update.normalize_std)).reshape(-1)
+        if args.keep_all:
+            adv = np.where(np.arange(G * K) % 2 == 0, 1.0, -1.0).astype(np.float32)
         work.append((records, adv))
     lengths = [len(r.tokens) for records, _ in work for r in records]
 
     saved = jax.device_get(trainer.state.replace(base=None))
-    out = {"benchmark": "packing", "run_dir": args.run_dir, "rollouts": len(lengths),
+    out = {"benchmark": "packing", "run_dir": args.run_dir, "keep_all": args.keep_all,
+           "buckets": list(config.epochs.buckets), "rollouts": len(lengths),
            "mean_len": float(np.mean(lengths)), "max_len": int(np.max(lengths)),
            "mean_prompt_len": float(np.mean([np.argmax(r.is_output) for records, _ in work
                                              for r in records])),

@@ -106,6 +106,7 @@ class SamplerConfig:
     decode_steps: int = 32  # tokens decoded per device call between host checks
     prefill_chunk: int = 512  # prompt tokens per prefill call (rounded to a power of 2)
     min_len_bucket: int = 64  # shortest KV length a batch is bucketed to
+    share_prompts: bool = True  # a task's K rollouts prefill their common prompt once (copied)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -111,8 +111,10 @@ def gather_rollouts(records: list, stats: dict) -> tuple[list, dict]:
         return records, stats
     parts = allgather_objects((records, stats))
     records = sorted((r for recs, _ in parts for r in recs), key=lambda r: r.index)
-    # Episodes cut add up; the hosts collect at the same time, so the slowest one's times count.
-    stats = {k: (sum if k == "cut" else max)(s[k] for _, s in parts) for k in parts[0][1]}
+    # Episodes cut and tokens add up; the hosts collect at the same time, so the slowest one's
+    # times count.
+    stats = {k: (sum if k == "cut" or k.endswith("tokens") else max)(s[k] for _, s in parts)
+             for k in parts[0][1]}
     return records, stats
 
 

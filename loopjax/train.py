@@ -97,7 +97,8 @@ def setup(config: TrainConfig) -> RunState:
     engine = SamplingEngine(model_config, n_slots, c.max_seq_len, mesh=sampler_mesh,
                             stop_ids=sorted(tokenizer.eos_ids), prefill_chunk=c.sampler.prefill_chunk,
                             decode_steps=c.sampler.decode_steps,
-                            min_len_bucket=c.sampler.min_len_bucket)
+                            min_len_bucket=c.sampler.min_len_bucket,
+                            share_prompts=c.sampler.share_prompts)
     limits = {split: EpisodeLimits(turns, c.max_new_tokens, c.max_seq_len, c.max_obs_tokens,
                                    c.compact_prompt)
               for split, turns in (("train", c.max_interactions_train),
@@ -238,6 +239,8 @@ def iteration(rs: RunState, it: int) -> dict:
         "time/iteration_collect_s": t_collect.seconds, "time/iteration_update_s": t_update.seconds,
         "time/iteration_generate_s": stats["generate_s"],
         "time/iteration_env_wait_s": stats["env_wait_s"],
+        "sampler/prefill_tokens": stats["prefill_tokens"],
+        "sampler/prefill_shared_tokens": stats["prefill_shared_tokens"],
         "time/tokens_per_s": generated.sum() / max(stats["generate_s"], 1e-9),
         "compiles/update": rs.update_step.num_compiles(),
         "compiles/sampler": sum(sampling_engine.TRACES.values()),

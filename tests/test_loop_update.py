@@ -339,8 +339,8 @@ def test_minibatch_plan_drops_signal_free_rollouts():
 
 def test_run_iteration_shares_prompts_when_asked():
     """EpochConfig.share_prefix reaches the packer: the same rollouts take fewer held tokens per
-    step (each task's prompt once), and with one minibatch of whole tasks the step's loss is the
-    unshared step's."""
+    step (each task's prompt once), in rows long enough for a whole task's tree (a bucket of 64
+    where the longest rollout needs 32), and the step's loss is the unshared step's."""
     from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
     rollouts = shared_prompt_rollouts()
     adv = np.array([1.0, -0.5, 0.7, 0.4, -0.9, 0.3], np.float32)
@@ -348,10 +348,11 @@ def test_run_iteration_shares_prompts_when_asked():
     for share in (False, True):
         state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
         _, history = run_iteration(step, state, rollouts, adv, jax.random.key(0),
-                                   EpochConfig(epochs_per_iteration=1, buckets=(64,),
+                                   EpochConfig(epochs_per_iteration=1, buckets=(32, 64),
                                                share_prefix=share))
         out[share] = history[0]
     assert out[True]["held_tokens"] == out[False]["held_tokens"] - 2 * 8 - 6
+    assert (out[False]["T"], out[True]["T"]) == (32, 64)
     np.testing.assert_allclose(out[True]["loss"], out[False]["loss"], rtol=1e-5)
 
 

@@ -126,6 +126,54 @@ def test_slot_reuse_and_batch_independence(model):
     np.testing.assert_allclose(got[2], expected[2], atol=1e-5)
 
 
+def _episodes_together(engine, params, lora, prompts, replies, max_new=10):
+    """One episode per slot, all started in the same prefill; each gets `replies` (a turn each).
+    Returns per slot (tokens, output mask, sampler log-probs)."""
+    conv = [(list(p), [0] * len(p), [0.0] * len(p)) for p in prompts]
+    for slot, p in enumerate(prompts):
+        engine.add(slot, p, key=jax.random.key(40 + slot), max_new_tokens=max_new)
+    for turn in range(len(replies) + 1):
+        for g in engine.generate(params, lora):
+            tokens, is_out, logps = conv[g.slot]
+            tokens += g.ids.tolist()
+            is_out += [1] * len(g.ids)
+            logps += g.logps.tolist()
+            if turn < len(replies) and g.stop_reason != CONTEXT_FULL:
+                reply = replies[turn] + [8 + g.slot]  # replies that differ between episodes
+                tokens += reply
+                is_out += [0] * len(reply)
+                logps += [0.0] * len(reply)
+                engine.add(g.slot, reply, max_new_tokens=max_new)
+    return [(np.array(t), np.array(o, bool), np.array(lp)) for t, o, lp in conv]
+
+
+def test_shared_prompts_prefill_once_and_sample_the_same(model):
+    """Three episodes with one prompt (a task's rollouts) and one with another: with
+    share_prompts the common prompt is prefilled once and copied to the other two slots; the
+    tokens drawn are the same as without, and every log-prob is the learner's recompute."""
+    config, params, lora, _, _ = model
+    prompt, other = _prompt(37, 50), _prompt(37, 51)  # same length, other tokens
+    prompts, replies = [prompt, prompt, prompt, other], [_prompt(4, 52), _prompt(6, 53)]
+    runs = {}
+    for share in (False, True):
+        engine = SamplingEngine(config, SLOTS, MAX_LEN, stop_ids=(STOP_ID,), prefill_chunk=32,
+                                decode_steps=16, share_prompts=share)
+        runs[share] = _episodes_together(engine, params, lora, prompts, replies)
+        # The prompts' tokens but the last (the first decode input) go into the cache.
+        assert engine.prefill_shared_tokens == (2 * (len(prompt) - 1) if share else 0)
+        first = (len(prompt) - 1) * (1 if share else 3) + len(other) - 1
+        assert engine.prefill_tokens - first == sum(len(r) + 1 for r in replies) * SLOTS
+    for (t0, o0, lp0), (t1, o1, lp1) in zip(runs[False], runs[True]):
+        np.testing.assert_array_equal(t0, t1)
+        np.testing.assert_array_equal(o0, o1)
+        # fp32: a prefill of fewer rows may round the last bit differently (measured <= 9.5e-7).
+        np.testing.assert_allclose(lp0, lp1, atol=1e-5)
+    assert len({tuple(t) for t, _, _ in runs[True][:3]}) == 3  # the episodes went their own ways
+    for tokens, is_out, logps in runs[True]:
+        ref = np.asarray(token_logprobs(config, params, jnp.asarray(tokens[None]), lora=lora))[0]
+        assert is_out.sum() >= 3 and np.abs(ref[is_out] - logps[is_out]).max() <= 1e-5
+
+
 def test_sharded_equals_single_device(model):
     config, params, lora, _, _ = model
     mesh = make_mesh("2,2,2")

@@ -1,6 +1,7 @@
 """The epoch driver of one LOOP iteration: filter, shuffle, bucket, pack, step, stop on KL.
 
-A minibatch's rows are as long as the smallest bucket length that holds its longest rollout.
+A minibatch's rows are as long as the smallest bucket length that holds its longest rollout
+(with `share_prefix`, its longest task tree, up to the largest bucket).
 Rollouts are packed several to a forward row (`pack`, the default) into a few row counts per
 bucket, so a run compiles the update step at most a few times per bucket; unpacked, each rollout
 takes a row of its own. With `share_prefix` a task's rollouts stay together in a minibatch and
@@ -18,7 +19,7 @@ from loopjax import multihost
 from loopjax.config import EpochConfig
 from loopjax.loop.objective import keep_mask, kl_stop
 from loopjax.loop.update import TrainState, UpdateStep
-from loopjax.rollout.batch import Rollout, pack_minibatch
+from loopjax.rollout.batch import Rollout, pack_minibatch, tree_units
 from loopjax.sharding import data_parallel_size
 
 
@@ -75,7 +76,11 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
     dp = data_parallel_size(update_step.mesh)
 
     def to_device(idx):
-        T = bucket_length(int(lengths_N[idx].max()), config.buckets)
+        need = int(lengths_N[idx].max())
+        if config.share_prefix:  # rows that hold a whole task's tree where a bucket allows
+            tree = max(n for _, _, n in tree_units(rollouts, idx, 1 << 62))
+            need = max(need, min(tree, config.buckets[-1]))
+        T = bucket_length(need, config.buckets)
         batch = pack_minibatch([rollouts[i] for i in idx], adv_N[idx], M, T, pack=config.pack,
                                microbatches=uc.num_microbatches, multiple=dp,
                                share_prefix=config.share_prefix)

@@ -29,11 +29,17 @@ refilled while the others keep decoding (continuous batching). A turn stops at a
 cache position a new episode attends to is written by that episode first, so stale contents are
 never read.
 
+Shared prompts (`share_prompts`, on by default): new episodes that enter one prefill with the
+same prompt (LOOP's K rollouts of a task) prefill it once; the other slots get a copy of its keys
+and values (one gather/scatter over the cache), the tokens counted in `prefill_shared_tokens`
+(`prefill_tokens` counts those computed). The copy holds exactly what the slot would have
+computed, up to the last float bit that a prefill of a different row count can round differently.
+
 Static shapes: each jitted call works on a bucket of rows (the busy slots, gathered out of the
 cache, row count rounded up to a power of two) and a power-of-two prefix of the cache positions
 (>= the longest busy slot + the steps to run), so a run compiles at most
-log2(S) x log2(max_len) decode programs and log2(S) x log2(max_len) x log2(prefill_chunk) prefill
-programs, whatever the prompt lengths (compiled programs are shared by engines of the same
+log2(S) x log2(max_len) decode programs, log2(S) x log2(max_len) x log2(prefill_chunk) prefill
+programs and log2(S) x log2(max_len) copy programs, whatever the prompt lengths (compiled programs are shared by engines of the same
 config; `loopjax.sampling.engine.TRACES` counts the traces). The cache is donated.
 
 Randomness: every episode has its own key (given to `add` when the slot is free). The token at
@@ -96,7 +102,8 @@ class SamplingEngine:
 
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int, *, mesh=None,
                  stop_ids=(), cache_dtype=None, prefill_chunk: int = 512, decode_steps: int = 32,
-                 min_len_bucket: int = 64, top_k: int = 0, top_p: float = 1.0):
+                 min_len_bucket: int = 64, top_k: int = 0, top_p: float = 1.0,
+                 share_prompts: bool = True):
         if num_slots <= 0 or max_len <= 1:
             raise ValueError(f"num_slots ({num_slots}) must be >= 1 and max_len ({max_len}) >= 2")
         if prefill_chunk <= 0 or decode_steps <= 0:
@@ -107,6 +114,9 @@ class SamplingEngine:
         self.config, self.num_slots, self.max_len, self.mesh = config, num_slots, max_len, mesh
         self.prefill_chunk, self.decode_steps = _pow2(prefill_chunk), decode_steps
         self.min_len_bucket, self.top_k, self.top_p = min_len_bucket, top_k, top_p
+        self.share_prompts = share_prompts
+        # Prompt tokens put in the cache by a prefill, and those copied from another slot instead.
+        self.prefill_tokens, self.prefill_shared_tokens = 0, 0
         self.stop_ids = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
         self.min_rows = 1
         # fp32 log-probs, float64 for a float64 model (numerics checks under JAX's x64 mode).
@@ -225,15 +235,30 @@ class SamplingEngine:
     def _len_bucket(self, needed: int) -> int:
         return min(_pow2(needed, self.min_len_bucket), self.max_len)
 
+    def _shared_prompts(self, todo) -> dict[int, int]:
+        """{slot: the slot whose cache it copies}: new episodes whose prompt (all but its last
+        token) another new episode of this prefill has too, e.g. the K rollouts of a task."""
+        first, copies = {}, {}
+        for s, tokens in todo.items():
+            if self.share_prompts and self.lengths[s] == 0 and tokens:
+                src = first.setdefault(tuple(tokens), s)
+                if src != s:
+                    copies[s] = src
+        return copies
+
     def _prefill(self, params, lora, slots):
         # Every queued token but the last goes into the cache here; the last is the first decode
         # step's input, so the first sampled token comes from the same decode program as the rest.
-        rows = self._rows(slots)
         todo = {s: self.queued[s][:-1] for s in slots}
         for s in slots:
             self.next_input[s] = self.queued[s][-1]
             self.queued[s] = []
             self.status[s] = _DECODING
+        copies = self._shared_prompts(todo)
+        slots = [s for s in slots if s not in copies]
+        todo = {s: todo[s] for s in slots}
+        self.prefill_tokens += sum(len(t) for t in todo.values())
+        rows = self._rows(slots)
         C = self.prefill_chunk
         while any(todo.values()):
             longest = max(len(t) for t in todo.values())
@@ -251,6 +276,15 @@ class SamplingEngine:
                                               len_bucket=len_bucket)
             for i, s in enumerate(slots):
                 self.lengths[s] += int(seg[i].sum())
+        if copies:  # the prompt's keys and values, copied from the slot that computed them
+            dst = list(copies)
+            src = [copies[s] for s in dst]
+            self.k, self.v = _copy_program(
+                k=self.k, v=self.v, src=self._rows(src), dst=self._rows(dst),
+                len_bucket=self._len_bucket(int(max(self.lengths[s] for s in src))))
+            for s, c in zip(dst, src):
+                self.lengths[s] = self.lengths[c]
+                self.prefill_shared_tokens += int(self.lengths[c])
 
     def _decode(self, params, lora, slots) -> list[Generation]:
         rows = self._rows(slots)
@@ -328,6 +362,15 @@ def _prefill_program(params, lora, *, config, k, v, rows, tokens, seg, lengths, 
     # hidden_states, not forward: the prefill needs no logits (the unembedding is skipped).
     _, cache = hidden_states(config, params, tokens, segment_ids_BxT=seg, lora=lora, cache=cache)
     return _scatter(k, rows, cache.k_LxBxSxHkxDh), _scatter(v, rows, cache.v_LxBxSxHkxDh)
+
+
+@functools.partial(jax.jit, static_argnames=("len_bucket",), donate_argnames=("k", "v"))
+def _copy_program(*, k, v, src, dst, len_bucket):
+    """Cache rows dst[i] := rows src[i] over the first len_bucket positions (padding rows, out of
+    range, read zeros and write nothing)."""
+    TRACES["copy"] += 1
+    return (_scatter(k, dst, _gather(k, src, len_bucket)),
+            _scatter(v, dst, _gather(v, src, len_bucket)))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "len_bucket", "num_steps"),
