@@ -35,6 +35,16 @@ from loopjax.loop import advantages  # noqa: E402
 from loopjax.loop.epochs import run_iteration  # noqa: E402
 
 
+def restored_trainer(run_dir: str, overrides):
+    """The main job's RunState for `run_dir` with its newest checkpoint restored."""
+    config = resolve([f"--run_dir={run_dir}", "--resume", *overrides])
+    trainer = train.setup(config)
+    if train.restore(trainer) is None:
+        raise SystemExit(f"no checkpoint in {run_dir}/checkpoints: run "
+                         "`python -m experiments.appworld_loop` first")
+    return config, trainer
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--run_dir", default="runs/miniworld-tiny")
@@ -45,11 +55,7 @@ def main():
                              "cost on every rollout, whatever the policy scores")
     parser.add_argument("overrides", nargs="*", help="extra --key=value options after --")
     args = parser.parse_args()
-    config = resolve([f"--run_dir={args.run_dir}", "--resume", *args.overrides])
-    trainer = train.setup(config)
-    if train.restore(trainer) is None:
-        raise SystemExit(f"no checkpoint in {args.run_dir}/checkpoints: run "
-                         "`python -m experiments.appworld_loop` first")
+    config, trainer = restored_trainer(args.run_dir, args.overrides)
     G, K = config.tasks_per_iteration, config.rollouts_per_task
     rng = np.random.default_rng(0)
     work = []

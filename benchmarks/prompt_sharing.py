@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.appworld_loop import resolve  # noqa: E402
 from loopjax import train  # noqa: E402
+from packing import restored_trainer  # noqa: E402  (benchmarks/, this script's folder)
 
 
 def main():
@@ -32,11 +32,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="extra --key=value options after --")
     args = parser.parse_args()
-    config = resolve([f"--run_dir={args.run_dir}", "--resume", *args.overrides])
-    trainer = train.setup(config)
-    if train.restore(trainer) is None:
-        raise SystemExit(f"no checkpoint in {args.run_dir}/checkpoints: run "
-                         "`python -m experiments.appworld_loop` first")
+    config, trainer = restored_trainer(args.run_dir, args.overrides)
     G, K = config.tasks_per_iteration, config.rollouts_per_task
     rng = np.random.default_rng(0)
     tasks = [trainer.train_tasks[i] for i in rng.choice(len(trainer.train_tasks), G)]
