@@ -40,12 +40,21 @@ def _random(tree, key, scale):
                               for x, k in zip(leaves, keys)])
 
 
+def plain_mask(seg, pre=None):
+    """B x T x T: query i sees key j <= i of its own segment (or of the prefix segment pre[i])."""
+    T = seg.shape[1]
+    see = seg[:, :, None] == seg[:, None, :]
+    if pre is not None:
+        see = see | ((pre[:, :, None] == seg[:, None, :]) & (pre[:, :, None] > 0))
+    return see & (jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])[None]
+
+
 def reference_logprobs(config, params, lora_weights, lora_scale, tokens, segments, positions):
     """token_logprobs written plainly: dense masked attention, x A B, a full log-softmax."""
     B, T = tokens.shape
     H, Hk, Dh = config.num_heads, config.num_kv_heads, config.head_dim
     inv_freq = tf.rope_inv_freq(config)
-    mask = tf._segment_causal_mask(segments, segments, 0)
+    mask = plain_mask(segments)
 
     def linear(x, p, lp, name):
         y = x @ p[name]["kernel"]
@@ -147,12 +156,16 @@ def test_blocked_attention_matches_dense_autodiff(T, chunk):
         seg = np.ones((B, T), np.int32)
         seg[0, T // 3:] = 2
         seg[0, -3:] = 0
-        seg = jnp.asarray(seg)
+        # Row 1 is a tree: a prefix (segment 1), then two branches (2, 3) that also see it.
+        pre = np.zeros((B, T), np.int32)
+        seg[1, :T // 4], seg[1, T // 4:T // 2], seg[1, T // 2:] = 1, 2, 3
+        pre[1, T // 4:] = 1
+        seg, pre = jnp.asarray(seg), jnp.asarray(pre)
         w = jnp.asarray(rng.normal(size=(B, T, H * Dh)))
-        mask = tf._segment_causal_mask(seg, seg, 0)
+        mask = plain_mask(seg, pre)
 
         def blocked(q, k, v):
-            return jnp.sum(w * tf.causal_attention(q, k, v, seg, chunk))
+            return jnp.sum(w * tf.causal_attention(q, k, v, seg, chunk, pre))
 
         def dense(q, k, v):
             return jnp.sum(w * tf.attention(q, k, v, mask))
@@ -169,7 +182,7 @@ def test_blocked_attention_fp32_and_bf16():
     B, T, H, Hk, Dh = 1, 64, 4, 2, 16
     q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, Dh)), jnp.float32) for n in (H, Hk, Hk))
     seg = jnp.ones((B, T), jnp.int32)
-    mask = tf._segment_causal_mask(seg, seg, 0)
+    mask = plain_mask(seg)
     w = jnp.asarray(rng.normal(size=(B, T, H * Dh)), jnp.float32)
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):  # measured 1e-6, 4e-3
         args = [x.astype(dtype) for x in (q, k, v)]

@@ -281,9 +281,10 @@ def _causal_attention_bwd(chunk, residuals, dout):
 _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
-def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, ids, chunk: int):
+def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT, chunk: int,
+                     prefix_ids_BxT=None):
     """Causal attention within segments (packed rows), `chunk` queries at a time; B x T x H*Dh.
-    `ids` = (segment_ids_BxT, prefix_ids_BxT or None): see `_segment_causal_mask`.
+    With `prefix_ids_BxT` a token also sees the prefix segment it names (`_segment_causal_mask`).
 
     Query block [a, b) attends to keys [0, b) only: the scores never exceed [chunk, T] and blocks
     above the causal diagonal are never computed. The backward pass is written out (flash
@@ -292,7 +293,8 @@ def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, ids, chunk: int):
     (XLA would otherwise transpose the scores). chunk 0 (or T <= chunk): one block.
     """
     B, T, H, Dh = q_BxTxHxDh.shape
-    out = _causal_attention(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, ids)
+    out = _causal_attention(chunk, q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh,
+                            (segment_ids_BxT, prefix_ids_BxT))
     return out.reshape(B, T, H * Dh)
 
 
@@ -328,7 +330,7 @@ def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cach
         new_kv = (cache_k, cache_v)
         k, v = cache_k[layer_idx], cache_v[layer_idx]
     if kv_cache is None:
-        attn = causal_attention(q, k, v, attend, config.attention_chunk)
+        attn = causal_attention(q, k, v, attend[0], config.attention_chunk, attend[1])
     else:
         attn = attention(q, k, v, attend)
     x_BxTxD = x_BxTxD + lin(attn, name="o_proj")
