@@ -31,6 +31,10 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
                      "add a larger bucket to EpochConfig.buckets")
 
 
+def _shuffled(key, x: np.ndarray) -> np.ndarray:
+    return x[np.asarray(jax.random.permutation(key, len(x)))] if len(x) else x
+
+
 def minibatch_plan(adv_N, lengths_N, key, *, minibatch_size: int, epochs: int, min_abs: float,
                    positive_only: bool, groups_N=None) -> list[np.ndarray]:
     """Index arrays of each minibatch, over all epochs: signal-free rollouts dropped, reshuffled
@@ -41,11 +45,11 @@ def minibatch_plan(adv_N, lengths_N, key, *, minibatch_size: int, epochs: int, m
     plan = []
     for key_e in jax.random.split(key, epochs):
         if groups_N is None:
-            order = kept[np.asarray(jax.random.permutation(key_e, len(kept)))] if len(kept) else kept
+            order = _shuffled(key_e, kept)
         else:
-            tasks = np.unique(np.asarray(groups_N)[kept])
-            shuffled = tasks[np.asarray(jax.random.permutation(key_e, len(tasks)))] if len(tasks) else tasks
-            order = np.array([i for g in shuffled for i in kept if groups_N[i] == g], np.int64)
+            tasks = np.asarray(groups_N)[kept]
+            order = np.concatenate([kept[tasks == g] for g in _shuffled(key_e, np.unique(tasks))]
+                                   or [kept])
         plan += [order[i:i + minibatch_size] for i in range(0, len(order), minibatch_size)]
     return plan
 
@@ -55,8 +59,8 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
     """`epochs_per_iteration` epochs of minibatch updates over one iteration's rollouts.
 
     Returns (state, metrics): one dict of host floats per step taken, each with its bucket length
-    `T`, its number of forward `rows` and the `held_tokens` (not padding) in them; the last dict has `stopped_on_kl` True when
-    |kl_k1| > kl_stop ended the iteration early.
+    `T`, its number of forward `rows` and the `held_tokens` (not padding) in them; the last dict
+    has `stopped_on_kl` True when |kl_k1| > kl_stop ended the iteration early.
     `progress(total)`, if given, makes a progress bar (with `update()` and `close()`) for the steps.
     """
     uc = update_step.config

@@ -300,8 +300,9 @@ def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT, chun
 
 def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cache):
     """One pre-norm block. Without a cache `attend` is (segment_ids_BxT, prefix_ids_BxT or None)
-    (causal attention within segments and their shared prefixes); with one it is mask_BxTxS over the cache, and kv_cache = (k_LxBxSxHkxDh,
-    v_LxBxSxHkxDh, write_idx_BxT, layer_idx): the whole cache and this block's layer in it.
+    (causal attention within segments and their shared prefixes); with one it is mask_BxTxS over
+    the cache, and kv_cache = (k_LxBxSxHkxDh, v_LxBxSxHkxDh, write_idx_BxT, layer_idx): the whole
+    cache and this block's layer in it.
     Returns (x, (k, v) updated)."""
     B, T, _ = x_BxTxD.shape
     H, Hk, Dh, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps

@@ -39,8 +39,9 @@ Static shapes: each jitted call works on a bucket of rows (the busy slots, gathe
 cache, row count rounded up to a power of two) and a power-of-two prefix of the cache positions
 (>= the longest busy slot + the steps to run), so a run compiles at most
 log2(S) x log2(max_len) decode programs, log2(S) x log2(max_len) x log2(prefill_chunk) prefill
-programs and log2(S) x log2(max_len) copy programs, whatever the prompt lengths (compiled programs are shared by engines of the same
-config; `loopjax.sampling.engine.TRACES` counts the traces). The cache is donated.
+programs and log2(S) x log2(max_len) copy programs, whatever the prompt lengths (compiled
+programs are shared by engines of the same config; `loopjax.sampling.engine.TRACES` counts the
+traces). The cache is donated.
 
 Randomness: every episode has its own key (given to `add` when the slot is free). The token at
 conversation position p (0-based, counting every prompt / reply / generated token of the episode)
