@@ -63,14 +63,22 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict:
 
 @flax.struct.dataclass
 class KVCache:
-    """Per-slot keys and values; `lengths_B` = how many positions of each slot hold real tokens."""
+    """Keys and values of B rows; `lengths_B` = how many positions of each row hold real tokens.
+
+    Contiguous: k and v are L x B x S x Hk x Dh. Paged (`page_table_BxN` given): k and v are a pool
+    of pages, L x P x page x Hk x Dh, and row b's position s lives in page
+    page_table_BxN[b, s // page] at offset s % page (table entries >= P: no page; reads give
+    zeros, writes are dropped). The layer scan then gathers one layer's pages at a time."""
     k_LxBxSxHkxDh: jax.Array
     v_LxBxSxHkxDh: jax.Array
     lengths_B: jax.Array
+    page_table_BxN: jax.Array | None = None
 
     @property
     def max_len(self) -> int:
-        return self.k_LxBxSxHkxDh.shape[2]
+        if self.page_table_BxN is None:
+            return self.k_LxBxSxHkxDh.shape[2]
+        return self.page_table_BxN.shape[1] * self.k_LxBxSxHkxDh.shape[2]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -301,8 +309,8 @@ def causal_attention(q_BxTxHxDh, k_BxTxHkxDh, v_BxTxHkxDh, segment_ids_BxT, chun
 def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cache):
     """One pre-norm block. Without a cache `attend` is (segment_ids_BxT, prefix_ids_BxT or None)
     (causal attention within segments and their shared prefixes); with one it is mask_BxTxS over
-    the cache, and kv_cache = (k_LxBxSxHkxDh, v_LxBxSxHkxDh, write_idx_BxT, layer_idx): the whole
-    cache and this block's layer in it.
+    the cache, and kv_cache = (k, v, write_idx_BxT, layer_idx, page_table_BxN or None): the whole
+    cache (see KVCache) and this block's layer in it.
     Returns (x, (k, v) updated)."""
     B, T, _ = x_BxTxD.shape
     H, Hk, Dh, eps = config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps
@@ -319,17 +327,23 @@ def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cach
     q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
     new_kv = None
     if kv_cache is not None:
-        # The whole [L, ...] cache is carried through the layer scan and this layer's rows are
+        # The whole [L, ...] cache is carried through the layer scan and this layer's entries are
         # written in place (a per-layer cache as scan input/output would copy it every call).
-        cache_k, cache_v, write_idx_BxT, layer_idx = kv_cache
-        rows_Bx1 = jnp.arange(B)[:, None]
+        cache_k, cache_v, write_idx_BxT, layer_idx, table_BxN = kv_cache
+        if table_BxN is None:
+            where = (jnp.arange(B)[:, None], write_idx_BxT)
+        else:  # (page, offset) of each new token; positions past the table have no page
+            page = cache_k.shape[2]
+            where = (jnp.take_along_axis(table_BxN, write_idx_BxT // page, axis=1, mode="fill",
+                                         fill_value=cache_k.shape[1]), write_idx_BxT % page)
         # mode="drop": a write past the cache end is dropped, never clamped onto real entries.
-        cache_k = cache_k.at[layer_idx, rows_Bx1, write_idx_BxT].set(k.astype(cache_k.dtype),
-                                                                     mode="drop")
-        cache_v = cache_v.at[layer_idx, rows_Bx1, write_idx_BxT].set(v.astype(cache_v.dtype),
-                                                                     mode="drop")
+        cache_k = cache_k.at[(layer_idx, *where)].set(k.astype(cache_k.dtype), mode="drop")
+        cache_v = cache_v.at[(layer_idx, *where)].set(v.astype(cache_v.dtype), mode="drop")
         new_kv = (cache_k, cache_v)
         k, v = cache_k[layer_idx], cache_v[layer_idx]
+        if table_BxN is not None:  # this layer's pages of each row, in position order
+            k, v = (jnp.take(x, table_BxN, axis=0, mode="fill", fill_value=0)
+                    .reshape(B, -1, Hk, Dh) for x in (k, v))
     if kv_cache is None:
         attn = causal_attention(q, k, v, attend[0], config.attention_chunk, attend[1])
     else:
@@ -387,7 +401,7 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
         x, ck, cv = carry
         (p, lp), i = xs
         x, (ck, cv) = block(config, x, p, lp, lora_scale, positions_BxT, attend,
-                            (ck, cv, write_idx_BxT, i))
+                            (ck, cv, write_idx_BxT, i, cache.page_table_BxN))
         return (x, ck, cv), None
 
     if cache is None:
@@ -400,7 +414,7 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
         ((params["layers"], lora_layers), jnp.arange(config.num_layers)))
     h_BxTxD = rms_norm(x_BxTxD, params["final_norm"], config.rms_norm_eps)
     num_new_B = jnp.sum(segment_ids_BxT > 0, axis=1).astype(jnp.int32)
-    return h_BxTxD, KVCache(ck, cv, cache.lengths_B + num_new_B)
+    return h_BxTxD, KVCache(ck, cv, cache.lengths_B + num_new_B, cache.page_table_BxN)
 
 
 def unembed(config: ModelConfig, params, h_BxTxD):

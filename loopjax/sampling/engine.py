@@ -367,18 +367,13 @@ class SamplingEngine:
             done += self.step(params, lora)
         return sorted(done, key=lambda g: g.slot)
 
-    def _tables(self, slots, positions: int, write_from=None):
-        """The busy rows' page tables over a window of `positions` (padded to a power-of-two row
-        bucket with rows of no pages), and the same with pages before `write_from[i]` (positions
-        the call does not write) taken out, for the write-back."""
+    def _table(self, slots, positions: int):
+        """The busy rows' page tables over a window of `positions`, padded to a power-of-two row
+        bucket with rows of no pages."""
         n = min(_pow2(len(slots), self.min_rows), max(self.num_slots, self.min_rows))
-        width = -(-positions // self.page_size)
-        read = np.full((n, width), NO_PAGE, np.int32)
-        read[:len(slots)] = self.table[slots, :width]
-        write = read.copy()
-        for i, start in enumerate(write_from):
-            write[i, :start // self.page_size] = NO_PAGE
-        return read, write
+        table = np.full((n, -(-positions // self.page_size)), NO_PAGE, np.int32)
+        table[:len(slots)] = self.table[slots, :table.shape[1]]
+        return table
 
     def _len_bucket(self, needed: int) -> int:
         return min(_pow2(needed, self.min_len_bucket), self.max_len)
@@ -422,10 +417,10 @@ class SamplingEngine:
                 tokens[i, :len(chunk)], seg[i, :len(chunk)] = chunk, 1
                 self._ensure(s, int(lengths[i]) + len(chunk))
             window = self._len_bucket(int((lengths + seg.sum(1)).max()))
-            read, write = self._tables(slots, window, lengths)
-            pad = read.shape[0] - n
+            table = self._table(slots, window)
+            pad = table.shape[0] - n
             self.k, self.v = self._prefill_call(
-                params, lora, k=self.k, v=self.v, read=read, write=write,
+                params, lora, k=self.k, v=self.v, table=table,
                 tokens=np.pad(tokens, ((0, pad), (0, 0))), seg=np.pad(seg, ((0, pad), (0, 0))),
                 lengths=np.pad(lengths, (0, pad)))
             self.lengths[slots] += seg.sum(1)
@@ -440,11 +435,11 @@ class SamplingEngine:
             self._ensure(s, int(self.lengths[s]) + min(steps, int(b)))
         lengths = self.lengths[slots].astype(np.int32)
         window = self._len_bucket(int(lengths.max()) + min(steps, int(budget.max())))
-        read, write = self._tables(slots, window, lengths)
-        pad = read.shape[0] - len(slots)
+        table = self._table(slots, window)
+        pad = table.shape[0] - len(slots)
         keys = self.keys[slots]
         self.k, self.v, out_ids, out_logps, n_out = self._decode_call(
-            params, lora, k=self.k, v=self.v, read=read, write=write,
+            params, lora, k=self.k, v=self.v, table=table,
             tokens=np.pad(self.next_input[slots], (0, pad)), lengths=np.pad(lengths, (0, pad)),
             keys=np.pad(keys, ((0, pad),) + ((0, 0),) * (keys.ndim - 1)),
             temperature=np.pad(self.temperature[slots], (0, pad), constant_values=1.0),
@@ -489,37 +484,24 @@ class SamplingEngine:
 TRACES = collections.Counter()  # how many times each program was traced (= compiled)
 
 
-def _gather(x, table_BxN):
-    """The rows' cache windows, L x B x (N * page_size) x Hk x Dh (zeros where there is no page)."""
-    (B, N), (L, _, ps, Hk, Dh) = table_BxN.shape, x.shape
-    pages = jnp.take(x, table_BxN.reshape(-1), axis=1, mode="fill", fill_value=0)
-    return pages.reshape(L, B, N * ps, Hk, Dh)
-
-
-def _scatter(x, table_BxN, window):
-    """Writes the windows back page by page (entries NO_PAGE are dropped)."""
-    L, _, ps, Hk, Dh = x.shape
-    return x.at[:, table_BxN.reshape(-1)].set(window.reshape(L, -1, ps, Hk, Dh), mode="drop")
-
-
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("k", "v"))
-def _prefill_program(params, lora, *, config, k, v, read, write, tokens, seg, lengths):
+def _prefill_program(params, lora, *, config, k, v, table, tokens, seg, lengths):
     TRACES["prefill"] += 1  # runs once per trace
-    cache = KVCache(_gather(k, read), _gather(v, read), lengths)
+    # The layer scan reads each layer's pages of the rows and writes the new tokens into the pool.
+    cache = KVCache(k, v, lengths, table)
     # hidden_states, not forward: the prefill needs no logits (the unembedding is skipped).
     _, cache = hidden_states(config, params, tokens, segment_ids_BxT=seg, lora=lora, cache=cache)
-    return _scatter(k, write, cache.k_LxBxSxHkxDh), _scatter(v, write, cache.v_LxBxSxHkxDh)
+    return cache.k_LxBxSxHkxDh, cache.v_LxBxSxHkxDh
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "num_steps"),
                    donate_argnames=("k", "v"))
-def _decode_program(params, lora, *, config, top_k, top_p, k, v, read, write, tokens, lengths,
-                    keys, temperature, budget, stop_ids, num_steps):
+def _decode_program(params, lora, *, config, top_k, top_p, k, v, table, tokens, lengths, keys,
+                    temperature, budget, stop_ids, num_steps):
     TRACES["decode"] += 1
-    B = read.shape[0]
+    B = table.shape[0]
     episode_keys = jax.random.wrap_key_data(keys)
-    state = dict(k=_gather(k, read), v=_gather(v, read),
-                 lengths=lengths, tokens=tokens, active=budget > 0, step=jnp.int32(0),
+    state = dict(k=k, v=v, lengths=lengths, tokens=tokens, active=budget > 0, step=jnp.int32(0),
                  n_out=jnp.zeros(B, jnp.int32), ids=jnp.zeros((B, num_steps), jnp.int32),
                  logps=jnp.zeros((B, num_steps), acc_dtype(config.dtype)))
 
@@ -528,7 +510,7 @@ def _decode_program(params, lora, *, config, top_k, top_p, k, v, read, write, to
 
     def body(st):
         active = st["active"]
-        cache = KVCache(st["k"], st["v"], st["lengths"])
+        cache = KVCache(st["k"], st["v"], st["lengths"], table)
         logits, cache = forward(config, params, st["tokens"][:, None], lora=lora,
                                 segment_ids_BxT=active[:, None].astype(jnp.int32), cache=cache)
         # The sampled token's conversation position is the input's position + 1.
@@ -536,16 +518,15 @@ def _decode_program(params, lora, *, config, top_k, top_p, k, v, read, write, to
         tok, logp = sample_tokens(logits[:, 0], step_keys, temperature, top_k=top_k, top_p=top_p)
         n_out = st["n_out"] + active
         stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=1) | (n_out >= budget)
-        write_out = (jnp.arange(num_steps)[None, :] == st["step"]) & active[:, None]
+        write = (jnp.arange(num_steps)[None, :] == st["step"]) & active[:, None]
         return dict(k=cache.k_LxBxSxHkxDh, v=cache.v_LxBxSxHkxDh, lengths=cache.lengths_B,
                     tokens=jnp.where(active, tok, st["tokens"]), active=active & ~stopped,
                     step=st["step"] + 1, n_out=n_out,
-                    ids=jnp.where(write_out, tok[:, None], st["ids"]),
-                    logps=jnp.where(write_out, logp[:, None], st["logps"]))
+                    ids=jnp.where(write, tok[:, None], st["ids"]),
+                    logps=jnp.where(write, logp[:, None], st["logps"]))
 
     st = jax.lax.while_loop(cond, body, state)
-    return (_scatter(k, write, st["k"]), _scatter(v, write, st["v"]), st["ids"], st["logps"],
-            st["n_out"])
+    return st["k"], st["v"], st["ids"], st["logps"], st["n_out"]
 
 
 def generate(config: ModelConfig, params, prompts, *, key, lora=None, max_new_tokens: int = 1500,
