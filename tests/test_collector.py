@@ -13,7 +13,7 @@ from loopjax.rollout.batch import pack_minibatch
 from loopjax.models.config import ModelConfig
 from loopjax.models.lora import LoraConfig, init_lora
 from loopjax.models.tokenizer import train_sentencepiece
-from loopjax.models.transformer import init_params
+from loopjax.models.transformer import init_params, token_logprobs
 from loopjax.rollout.collector import EpisodeLimits, collect
 from loopjax.sampling.engine import SamplingEngine
 
@@ -57,9 +57,10 @@ def policy(tmp_path_factory):
     return tok, config, params, lora
 
 
-def _collect(policy, tasks, groups, **kw):
-    tok, config, params, lora = policy
-    engine = SamplingEngine(config, 4, 1024, stop_ids=sorted(tok.eos_ids))
+def _collect(policy, tasks, groups, engine=None, lora=None, **kw):
+    tok, config, params, policy_lora = policy
+    lora = policy_lora if lora is None else lora
+    engine = engine or SamplingEngine(config, 4, 1024, stop_ids=sorted(tok.eos_ids))
     envs = [ScriptedEnv() for _ in range(4)]
     limits = EpisodeLimits(max_interactions=3, max_new_tokens=12, max_seq_len=1024,
                            max_obs_tokens=32, compact_prompt=True)
@@ -107,6 +108,23 @@ def test_records_and_logprobs_match_the_learner(policy):
     # fp32: measured 1.4e-6 on the 2-core CPU (KV-cache decode vs packed blocked forward).
     print(f"max |sampler - learner| logp: {worst:.2e}")
     assert worst <= 1e-5, worst
+
+
+def test_prefix_cache_holds_one_collection_only(policy):
+    """One engine, two collections of the same tasks with different adapters (the params of two
+    iterations): the second maps no prompt page the first computed, and its log-probs are its own
+    adapter's; within a collection the tasks' common prompt pages are shared."""
+    tok, config, params, lora = policy
+    engine = SamplingEngine(config, 4, 1024, stop_ids=sorted(tok.eos_ids), page_size=16)
+    tasks, groups = ["t0", "t0", "t1", "t1"], [0, 0, 1, 1]
+    _, first = _collect(policy, tasks, groups, engine=engine, overlap=False)
+    other = jax.tree.map(lambda x: -x, lora)
+    records, second = _collect(policy, tasks, groups, engine=engine, lora=other, overlap=False)
+    assert first["prefill_shared_tokens"] == second["prefill_shared_tokens"] > 0
+    assert first["prefill_tokens"] == second["prefill_tokens"]
+    for r in records:
+        ref = np.asarray(token_logprobs(config, params, jnp.asarray(r.tokens[None]), lora=other))[0]
+        assert np.abs(ref[r.is_output] - r.logp[r.is_output]).max() <= 1e-5
 
 
 def test_same_key_same_rollouts_with_or_without_overlap(policy):

@@ -12,7 +12,7 @@ from hf_fixtures import FAMILIES, hf_logits, make_checkpoint
 from loopjax.models.config import ModelConfig
 from loopjax.models.hf_io import load_hf_checkpoint, save_hf_checkpoint
 from loopjax.models.lora import LoraConfig, init_lora, merge_lora
-from loopjax.models.transformer import forward, init_cache, init_params, token_logprobs
+from loopjax.models.transformer import KVCache, forward, init_cache, init_params, token_logprobs
 from loopjax.sharding import batch_sharding, make_mesh, param_shardings
 
 TOL = 1e-4
@@ -104,12 +104,19 @@ def test_token_logprobs_chunking_and_temperature(checkpoint):
     assert np.all(np.asarray(chunked[:, 0]) == 0)
 
 
-def test_kv_cache_matches_full_forward(checkpoint):
+@pytest.mark.parametrize("paged", [False, True])
+def test_kv_cache_matches_full_forward(checkpoint, paged):
+    """Prefill and decode through the cache equal the full forward, with a contiguous cache and
+    with a paged one whose pages are out of order (and a page no row owns stays untouched)."""
     _, path, _ = checkpoint
     config, params = load_hf_checkpoint(path)
     tokens = jnp.asarray(_tokens((2, 12)))
     full = forward(config, params, tokens)
     cache = init_cache(config, batch=2, max_len=16)
+    if paged:  # 9 pages of 4 positions; rows own 4 pages each, page 4 is nobody's
+        pool = jnp.zeros((config.num_layers, 9, 4, config.num_kv_heads, config.head_dim))
+        table = jnp.array([[7, 2, 5, 0], [3, 8, 1, 6]], jnp.int32)
+        cache = KVCache(pool, pool, cache.lengths_B, table)
     # Row 1 gets its first chunk in two pieces, padded: a right-padded prefill with ragged lengths.
     seg = jnp.array([[1] * 5, [1] * 3 + [0] * 2])
     l1, cache = forward(config, params, tokens[:, :5], segment_ids_BxT=seg, cache=cache)
@@ -125,6 +132,8 @@ def test_kv_cache_matches_full_forward(checkpoint):
         lt, cache = forward(config, params, step, segment_ids_BxT=jnp.array([[1], [0]]), cache=cache)
         np.testing.assert_allclose(lt[0, 0], full[0, t], atol=TOL)
     np.testing.assert_array_equal(cache.lengths_B, [12, 7])
+    if paged:
+        assert cache.max_len == 16 and not np.any(np.asarray(cache.k_LxBxSxHkxDh[:, 4]))
 
 
 def test_sharded_forward_equals_single_device(checkpoint):
