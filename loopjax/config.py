@@ -106,7 +106,8 @@ class SamplerConfig:
     decode_steps: int = 32  # tokens decoded per device call between host checks
     prefill_chunk: int = 512  # prompt tokens per prefill call (rounded to a power of 2)
     min_len_bucket: int = 64  # shortest KV length a batch is bucketed to
-    share_prompts: bool = True  # a task's K rollouts prefill their common prompt once (copied)
+    share_prompts: bool = True  # prefix cache: prompt pages common to episodes computed once
+    page_size: int = 32  # KV-cache positions per page (the cache grows and is shared by pages)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from loopjax import eval as evaluation, multihost
+from loopjax import eval as evaluation, memory, multihost
 from loopjax.checkpoint import Checkpointer, abstract_like, set_aside
 from loopjax.config import TrainConfig
 from loopjax.envs import ground_truth, list_tasks, make_env
@@ -98,7 +98,13 @@ def setup(config: TrainConfig) -> RunState:
                             stop_ids=sorted(tokenizer.eos_ids), prefill_chunk=c.sampler.prefill_chunk,
                             decode_steps=c.sampler.decode_steps,
                             min_len_bucket=c.sampler.min_len_bucket,
-                            share_prompts=c.sampler.share_prompts)
+                            share_prompts=c.sampler.share_prompts, page_size=c.sampler.page_size)
+    if is_main:
+        rows = c.update.microbatch_size or c.update.minibatch_size
+        est = memory.estimate(engine, (state.base, state.trainable), state.opt_state,
+                              memory.activation_bytes(model_config, rows * c.epochs.buckets[-1],
+                                                      c.update.remat))
+        log.info("memory estimate: %s", est.describe())
     limits = {split: EpisodeLimits(turns, c.max_new_tokens, c.max_seq_len, c.max_obs_tokens,
                                    c.compact_prompt)
               for split, turns in (("train", c.max_interactions_train),
@@ -241,6 +247,7 @@ def iteration(rs: RunState, it: int) -> dict:
         "time/iteration_env_wait_s": stats["env_wait_s"],
         "sampler/prefill_tokens": stats["prefill_tokens"],
         "sampler/prefill_shared_tokens": stats["prefill_shared_tokens"],
+        "sampler/kv_peak_bytes": stats["kv_peak_bytes"],
         "time/tokens_per_s": generated.sum() / max(stats["generate_s"], 1e-9),
         "compiles/update": rs.update_step.num_compiles(),
         "compiles/sampler": sum(sampling_engine.TRACES.values()),

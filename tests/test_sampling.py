@@ -20,13 +20,14 @@ from loopjax.sampling import engine as engine_mod
 from loopjax.sampling.sample import sample_tokens
 from loopjax.sharding import make_mesh, param_shardings
 
-SLOTS, MAX_LEN, STOP_ID = 4, 128, 7
+SLOTS, MAX_LEN, STOP_ID, PAGE = 4, 128, 7, 8
 
 
-def _engine(config, stop_ids=(STOP_ID,)):
-    """Every test uses these shapes, so the compiled programs are shared across tests."""
+def _engine(config, stop_ids=(STOP_ID,), **kw):
+    """Every test uses these shapes, so the compiled programs are shared across tests. Pages of
+    8 positions: an episode here spans many of them."""
     return SamplingEngine(config, SLOTS, MAX_LEN, stop_ids=stop_ids, prefill_chunk=32,
-                          decode_steps=16)
+                          decode_steps=16, page_size=PAGE, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -147,31 +148,97 @@ def _episodes_together(engine, params, lora, prompts, replies, max_new=10):
     return [(np.array(t), np.array(o, bool), np.array(lp)) for t, o, lp in conv]
 
 
+def _check_learner(config, params, lora, runs):
+    for tokens, is_out, logps in runs:
+        ref = np.asarray(token_logprobs(config, params, jnp.asarray(tokens[None]), lora=lora))[0]
+        assert is_out.sum() >= 3 and np.abs(ref[is_out] - logps[is_out]).max() <= 1e-5
+
+
+def _same_runs(a, b):
+    for (t0, o0, lp0), (t1, o1, lp1) in zip(a, b):
+        np.testing.assert_array_equal(t0, t1)
+        np.testing.assert_array_equal(o0, o1)
+        # fp32: a prefill of another batch shape may round the last bit differently (measured
+        # <= 9.5e-7).
+        np.testing.assert_allclose(lp0, lp1, atol=1e-5)
+
+
 def test_shared_prompts_prefill_once_and_sample_the_same(model):
     """Three episodes with one prompt (a task's rollouts) and one with another: with
-    share_prompts the common prompt is prefilled once and copied to the other two slots; the
-    tokens drawn are the same as without, and every log-prob is the learner's recompute."""
+    share_prompts the common prompt's full pages are computed once and mapped into the other two
+    slots (which compute only the last, partial page); the tokens drawn are the same as without,
+    and every log-prob is the learner's recompute."""
     config, params, lora, _, _ = model
     prompt, other = _prompt(37, 50), _prompt(37, 51)  # same length, other tokens
     prompts, replies = [prompt, prompt, prompt, other], [_prompt(4, 52), _prompt(6, 53)]
     runs = {}
+    cached = (len(prompt) - 1) // PAGE * PAGE  # the prompt's full pages (its last token is fed)
     for share in (False, True):
-        engine = SamplingEngine(config, SLOTS, MAX_LEN, stop_ids=(STOP_ID,), prefill_chunk=32,
-                                decode_steps=16, share_prompts=share)
+        engine = _engine(config, share_prompts=share)
         runs[share] = _episodes_together(engine, params, lora, prompts, replies)
-        # The prompts' tokens but the last (the first decode input) go into the cache.
-        assert engine.prefill_shared_tokens == (2 * (len(prompt) - 1) if share else 0)
-        first = (len(prompt) - 1) * (1 if share else 3) + len(other) - 1
+        assert engine.prefill_shared_tokens == (2 * cached if share else 0)
+        first = (len(prompt) - 1) * 3 + len(other) - 1 - (2 * cached if share else 0)
         assert engine.prefill_tokens - first == sum(len(r) + 1 for r in replies) * SLOTS
-    for (t0, o0, lp0), (t1, o1, lp1) in zip(runs[False], runs[True]):
-        np.testing.assert_array_equal(t0, t1)
-        np.testing.assert_array_equal(o0, o1)
-        # fp32: a prefill of fewer rows may round the last bit differently (measured <= 9.5e-7).
-        np.testing.assert_allclose(lp0, lp1, atol=1e-5)
+    _same_runs(runs[False], runs[True])
     assert len({tuple(t) for t, _, _ in runs[True][:3]}) == 3  # the episodes went their own ways
-    for tokens, is_out, logps in runs[True]:
-        ref = np.asarray(token_logprobs(config, params, jnp.asarray(tokens[None]), lora=lora))[0]
-        assert is_out.sum() >= 3 and np.abs(ref[is_out] - logps[is_out]).max() <= 1e-5
+    _check_learner(config, params, lora, runs[True])
+
+
+def test_prefix_cache_across_prefills_and_its_reset(model):
+    """Episodes that start later reuse the cached pages of a common prefix (a system prompt)
+    computed by earlier ones, never a page whose tokens match but whose prefix does not, and
+    nothing after reset_prefix_cache(); every draw equals the unshared engine's."""
+    config, params, lora, _, _ = model
+    system = _prompt(3 * PAGE, 60)
+    a, b = system + _prompt(13, 61), system + _prompt(21, 62)
+    # c's first page is system's second: same tokens at another position (must not be shared).
+    c = system[PAGE:2 * PAGE] + _prompt(30, 63)
+    replies = [_prompt(5, 64)]
+    runs, shared = {}, {}
+    for share in (False, True):
+        engine = _engine(config, share_prompts=share)
+        runs[share] = _episodes_together(engine, params, lora, [a], replies)
+        for slot in range(SLOTS):
+            engine.free(slot)
+        counts = []
+        for prompts, reset in (([b, c], False), ([b], True)):
+            if reset:
+                for slot in range(SLOTS):
+                    engine.free(slot)
+                engine.reset_prefix_cache()
+            before = engine.prefill_shared_tokens
+            runs[share] += _episodes_together(engine, params, lora, prompts, replies)
+            counts.append(engine.prefill_shared_tokens - before)
+        shared[share] = counts
+    # b maps the system prompt's 3 pages and a's tokens... only where they are b's too; c none.
+    assert shared == {False: [0, 0], True: [3 * PAGE, 0]}, shared
+    _same_runs(runs[False], runs[True])
+    _check_learner(config, params, lora, runs[True])
+
+
+def test_pages_follow_the_tokens_held(model):
+    """The pool grows from one short bucket per slot while an episode is in the middle of its
+    turns (its draws do not change), a slot holds ceil(length / page) pages, and freeing every
+    slot returns every page; the pool never exceeds the slots x max_len reservation."""
+    config, params, lora, _, _ = model
+    replies = [_prompt(10, 71), _prompt(8, 72)]
+    solo = _episodes_together(_engine(config), params, lora, [_prompt(40, 70)], replies, max_new=12)
+    engine = _engine(config)
+    start = engine.num_pages
+    assert start * PAGE == SLOTS * 64 < SLOTS * MAX_LEN  # one 64-position bucket per slot
+    together = _episodes_together(engine, params, lora,
+                                  [_prompt(40, 70)] + [_prompt(60, 73 + i) for i in range(3)],
+                                  replies, max_new=12)
+    assert start < engine.num_pages <= SLOTS * MAX_LEN // PAGE
+    _same_runs(solo, together[:1])
+    for slot in range(SLOTS):  # the pages its positions need, and at most a decode call's more
+        held, length = engine.held[slot], engine.lengths[slot]
+        assert -(-length // PAGE) <= held <= -(-(length + 16) // PAGE), (slot, held, length)
+        engine.free(slot)
+    engine.reset_prefix_cache()
+    assert len(engine._free) == engine.num_pages and not engine._refs.any()
+    assert engine.peak_pages <= engine.num_pages
+    assert engine.cache_bytes() == engine.num_pages * PAGE * engine.token_bytes()
 
 
 def test_sharded_equals_single_device(model):
@@ -211,9 +278,11 @@ def test_bounded_compiles_over_varied_prompts(model):
                 started += 1
     assert finished == 24
     new = {k: engine_mod.TRACES[k] - before.get(k, 0) for k in ("prefill", "decode")}
-    # rows in {1, 2, 4} x cache prefixes in {64, 128} (x prefill chunks {16, 32}), some already
-    # compiled by earlier tests: a fixed bound, not one program per prompt length.
-    assert new["decode"] <= 6 and new["prefill"] <= 12, new
+    # rows in {1, 2, 4} x cache windows in {64, 128} x pool sizes in {32, 64} pages (x prefill
+    # chunks {16, 32}), some already compiled by earlier tests: a fixed bound, not one program
+    # per prompt length.
+    assert engine.num_pages in (32, 64)
+    assert new["decode"] <= 12 and new["prefill"] <= 24, new
     print("new traces over 24 episodes:", new)
 
 

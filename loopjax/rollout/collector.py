@@ -99,7 +99,8 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
     draws do not depend on which slot, batch or host it ran in: a host running a share of an
     iteration's episodes passes their global indices. Returns (records of the finished episodes
     in request order, stats: seconds spent in device steps and waiting for environments,
-    episodes cut as stragglers, prompt tokens prefilled and copied between slots).
+    episodes cut as stragglers, prompt tokens prefilled and mapped from the prefix cache, and the
+    KV-cache pages held at most).
     """
     import jax  # noqa: PLC0415
 
@@ -114,6 +115,8 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
     consumed: dict[int, int] = {}  # slot -> conversation tokens already handed to the engine
     finished: list[Episode] = []
     stats = {"generate_s": 0.0, "env_wait_s": 0.0, "device_steps": 0}
+    engine.reset_prefix_cache()  # cached prompt pages hold keys and values of earlier params
+    engine.peak_pages = 0
     prefilled = engine.prefill_tokens, engine.prefill_shared_tokens
     pool = cf.ThreadPoolExecutor(max_workers=max(1, workers))
 
@@ -198,7 +201,8 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
     finished.sort(key=lambda e: e.index)
     stats["cut"] = len(episodes) - len(finished)
     stats["prefill_tokens"] = engine.prefill_tokens - prefilled[0]  # prompt tokens computed
-    stats["prefill_shared_tokens"] = engine.prefill_shared_tokens - prefilled[1]  # ... and copied
+    stats["prefill_shared_tokens"] = engine.prefill_shared_tokens - prefilled[1]  # ... and mapped
+    stats["kv_peak_bytes"] = engine.peak_pages * engine.page_size * engine.token_bytes()
     return [ep.record() for ep in finished], stats
 
 

@@ -1,14 +1,19 @@
-"""A slot-based KV-cache sampling engine that runs on the learner's own (sharded) params.
+"""A paged KV-cache sampling engine that runs on the learner's own (sharded) params.
 
-One preallocated cache holds S slots of `max_len` positions each (k, v: L x S x max_len x Hk x Dh,
-rows sharded over the data-parallel mesh axes, kv heads over "tensor"). A slot holds one episode:
-its cache persists across turns, so each turn prefills only the new tokens (the environment's
-reply) and then decodes. Params and LoRA are passed to every call and never copied, so the learner
-can update them between calls with no weight sync.
+Memory follows the tokens held. The cache is a pool of fixed-size pages (k, v: L x P x page_size
+x Hk x Dh; pages sharded over the data-parallel mesh axes, kv heads over "tensor"), as in vLLM.
+Each of the S slots (one episode each) has a page table: its conversation position p lives in
+page table[slot, p // page_size] at offset p % page_size. Pages are handed out as an episode
+grows and returned when it ends; the pool starts at one short bucket per slot and doubles when
+it runs out, up to S x max_len positions (in whole pages: the reservation of a cache without
+pages), so at its peak it holds at most twice the pages in use.
+Params and LoRA are passed to every call and never copied, so the learner can update them between
+calls with no weight sync.
 
 Driving it (the environment loop):
 
     engine = SamplingEngine(config, num_slots=S, max_len=M, mesh=mesh, stop_ids=(eos, eot))
+    engine.reset_prefix_cache()                          # whenever params changed since last use
     engine.add(slot, prompt_ids, key=episode_key)        # a free slot starts an episode
     while work:
         for g in engine.step(params, lora):              # prefill + up to `decode_steps` tokens
@@ -24,24 +29,29 @@ the queued tokens of every slot that has some (chunks of `prefill_chunk` tokens)
 jitted on-device loop (`lax.while_loop`) of at most `decode_steps` decode steps over every busy
 slot, leaving early once all of them stopped; finished turns come back, and their slots can be
 refilled while the others keep decoding (continuous batching). A turn stops at a stop id
-("stop"), after its `max_new_tokens` ("max_new_tokens"), or when the slot's cache is full
-("context_full"; the slot then takes no more tokens). `free` sets the slot's length to 0: every
-cache position a new episode attends to is written by that episode first, so stale contents are
-never read.
+("stop"), after its `max_new_tokens` ("max_new_tokens"), or when the slot's context is full
+("context_full"; the slot then takes no more tokens). `free` returns the slot's pages; a page is
+always written by its episode (or by the episode whose prompt it caches) before it is read.
 
-Shared prompts (`share_prompts`, on by default): new episodes that enter one prefill with the
-same prompt (LOOP's K rollouts of a task) prefill it once; the other slots get a copy of its keys
-and values (one gather/scatter over the cache), the tokens counted in `prefill_shared_tokens`
-(`prefill_tokens` counts those computed). The copy holds exactly what the slot would have
-computed, up to the last float bit that a prefill of a different row count can round differently.
+Prefix cache (`share_prompts`, on by default): every full page of a new episode's prompt is
+entered in a tree keyed by its tokens and the page before it. A new episode whose prompt starts
+with pages already there maps them into its table (shared, reference-counted, never written
+again) and prefills only the rest. Within one prefill, episodes whose next page another new
+episode computes wait for it (a second round), so LOOP's K rollouts of a task compute their
+prompt once, and the system prompt and worked example common to every episode are computed once
+per collection. Cached keys and values belong to the params that computed them: call
+`reset_prefix_cache()` when params change (`collect` does, at its start). `prefill_tokens`
+counts the prompt tokens computed, `prefill_shared_tokens` those mapped from the cache. A mapped
+page holds what the episode would have computed, up to the last float bit that a prefill of
+another batch shape can round differently.
 
-Static shapes: each jitted call works on a bucket of rows (the busy slots, gathered out of the
-cache, row count rounded up to a power of two) and a power-of-two prefix of the cache positions
-(>= the longest busy slot + the steps to run), so a run compiles at most
-log2(S) x log2(max_len) decode programs, log2(S) x log2(max_len) x log2(prefill_chunk) prefill
-programs and log2(S) x log2(max_len) copy programs, whatever the prompt lengths (compiled
-programs are shared by engines of the same config; `loopjax.sampling.engine.TRACES` counts the
-traces). The cache is donated.
+Static shapes: each jitted call works on a bucket of rows (the busy slots' page tables, row count
+rounded up to a power of two) and a power-of-two window of cache positions (>= the longest busy
+slot + the steps to run), gathered out of the pool and written back page by page (pages a call
+does not write are not written back). A run compiles at most log2(S) x log2(max_len) x
+log2(pool growth) decode programs and log2(prefill_chunk) times that prefill programs, whatever
+the prompt lengths (compiled programs are shared by engines of the same config;
+`loopjax.sampling.engine.TRACES` counts the traces). The pool is donated.
 
 Randomness: every episode has its own key (given to `add` when the slot is free). The token at
 conversation position p (0-based, counting every prompt / reply / generated token of the episode)
@@ -54,7 +64,7 @@ Log-probs: `logps[i]` = log_softmax(logits / T)[ids[i]] for the row's temperatur
 loopjax.sampling.sample for greedy and top-k / top-p). Measured difference to that full-forward
 recompute over a 4-turn conversation with LoRA active (tests/test_sampling.py, CPU): 4.8e-7 with
 fp32 params; 4.8e-7 with bf16 params and bf16 cache too (both paths round the same bf16 k/v and
-XLA:CPU accumulates bf16 dots in fp32; on GPU/TPU kernels expect up to ~1e-2, which the test allows).
+XLA:CPU accumulates bf16 dots in fp32; GPU/TPU kernels may differ by more).
 """
 
 from __future__ import annotations
@@ -98,42 +108,56 @@ def _fit(spec: P, shape, mesh) -> P:
     return P(*out)
 
 
+NO_PAGE = np.int32(2**30)  # a page-table entry with no page: reads zeros, writes nothing
+
+
 class SamplingEngine:
-    """S slots of KV cache; see the module docstring for how to drive it."""
+    """S slots over a paged KV cache; see the module docstring for how to drive it."""
 
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int, *, mesh=None,
                  stop_ids=(), cache_dtype=None, prefill_chunk: int = 512, decode_steps: int = 32,
                  min_len_bucket: int = 64, top_k: int = 0, top_p: float = 1.0,
-                 share_prompts: bool = True):
+                 share_prompts: bool = True, page_size: int = 32):
         if num_slots <= 0 or max_len <= 1:
             raise ValueError(f"num_slots ({num_slots}) must be >= 1 and max_len ({max_len}) >= 2")
-        if prefill_chunk <= 0 or decode_steps <= 0:
-            raise ValueError(f"prefill_chunk ({prefill_chunk}) and decode_steps ({decode_steps}) "
-                             "must be positive")
+        if prefill_chunk <= 0 or decode_steps <= 0 or page_size <= 0:
+            raise ValueError(f"prefill_chunk ({prefill_chunk}), decode_steps ({decode_steps}) and "
+                             f"page_size ({page_size}) must be positive")
         if not 0.0 < top_p <= 1.0 or top_k < 0:
             raise ValueError(f"top_p must be in (0, 1] and top_k >= 0 (0 = off); got {top_p}, {top_k}")
         self.config, self.num_slots, self.max_len, self.mesh = config, num_slots, max_len, mesh
         self.prefill_chunk, self.decode_steps = _pow2(prefill_chunk), decode_steps
-        self.min_len_bucket, self.top_k, self.top_p = min_len_bucket, top_k, top_p
-        self.share_prompts = share_prompts
-        # Prompt tokens put in the cache by a prefill, and those copied from another slot instead.
+        self.page_size = _pow2(page_size)
+        self.min_len_bucket = max(_pow2(min_len_bucket), self.page_size)
+        self.top_k, self.top_p, self.share_prompts = top_k, top_p, share_prompts
+        # Prompt tokens put in the cache by a prefill, and those mapped from the prefix cache.
         self.prefill_tokens, self.prefill_shared_tokens = 0, 0
         self.stop_ids = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
-        self.min_rows = 1
         # fp32 log-probs, float64 for a float64 model (numerics checks under JAX's x64 mode).
         self._logp_dtype = np.float64 if config.dtype == "float64" else np.float32
-        shape = (config.num_layers, num_slots, max_len, config.num_kv_heads, config.head_dim)
-        dtype = jnp.dtype(cache_dtype or config.jnp_dtype)
-        if mesh is None:
-            self.k, self.v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-        else:
-            dp = mesh.shape["data"] * mesh.shape["fsdp"]
-            self.min_rows = min(dp, _pow2(num_slots))  # row buckets split evenly over dp devices
-            sharding = NamedSharding(mesh, _fit(P(None, ("data", "fsdp"), None, "tensor", None),
-                                                shape, mesh))
-            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-            self.k, self.v = zeros(), zeros()
-        # Host-side state per slot (authoritative; the device only holds k and v).
+        self.cache_dtype = jnp.dtype(cache_dtype or config.jnp_dtype)
+        self.min_rows, self._dp = 1, 1
+        if mesh is not None:
+            self._dp = mesh.shape["data"] * mesh.shape["fsdp"]
+            self.min_rows = min(self._dp, _pow2(num_slots))  # row buckets split evenly over dp
+        # The page pool (device) and its bookkeeping (host, authoritative).
+        self.pages_per_slot = -(-max_len // self.page_size)
+        self.max_pages = self._round(num_slots * self.pages_per_slot)  # every slot full
+        self.k = self.v = None
+        first = num_slots * -(-min(self.min_len_bucket, max_len) // self.page_size)
+        self._grow(self._pool_size(first))  # one shortest bucket per slot
+        self.table = np.full((num_slots, self.pages_per_slot), NO_PAGE, np.int32)
+        self.held = np.zeros(num_slots, np.int64)  # pages in each slot's table
+        # Most pages referenced at once since it was last set to 0 (what an exact pool would need).
+        self.peak_pages = 0
+        # Prefix cache: (page before it or -1, its tokens) -> page; pages it holds stay out of the
+        # free list until reset. Per slot: the prompt (tokens to cache) of a starting episode and
+        # the page its matched / registered prefix ends in.
+        self._prefix: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._cached = np.zeros(self.num_pages, bool)
+        self._prompt: list[list[int] | None] = [None] * num_slots
+        self._node = np.full(num_slots, -1, np.int64)
+        # Host-side state per slot.
         self.lengths = np.zeros(num_slots, np.int64)  # cache positions holding this episode's tokens
         self.status = [_FREE] * num_slots
         self.queued: list[list[int]] = [[] for _ in range(num_slots)]  # tokens waiting for prefill
@@ -143,6 +167,115 @@ class SamplingEngine:
         self.max_new = np.zeros(num_slots, np.int64)
         self.out_ids: list[list[np.ndarray]] = [[] for _ in range(num_slots)]
         self.out_logps: list[list[np.ndarray]] = [[] for _ in range(num_slots)]
+
+    # ------------------------------------------------------------------------- pages
+
+    @property
+    def num_pages(self) -> int:
+        return int(self.k.shape[1])
+
+    def token_bytes(self) -> int:
+        """Bytes of k and v one cached token takes (all layers)."""
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.cache_dtype.itemsize
+
+    def cache_bytes(self) -> int:
+        """Bytes the page pool holds now."""
+        return self.num_pages * self.page_size * self.token_bytes()
+
+    def _round(self, n: int) -> int:
+        """n rounded up to a multiple of the data-parallel size (pages split evenly over it)."""
+        return -(-n // self._dp) * self._dp
+
+    def _pool_size(self, n: int) -> int:
+        """The pool for n pages: a power of two (bounded compiles), at most every slot full."""
+        return min(self._round(_pow2(n)), self.max_pages)
+
+    def _grow(self, num_pages: int):
+        """Pool of `num_pages` pages (a power of two), keeping the pages there are."""
+        c = self.config
+        shape = (c.num_layers, num_pages, self.page_size, c.num_kv_heads, c.head_dim)
+        old = 0 if self.k is None else self.num_pages
+        sharding = None
+        if self.mesh is not None:
+            spec = P(None, ("data", "fsdp"), None, "tensor", None)
+            sharding = NamedSharding(self.mesh, _fit(spec, shape, self.mesh))
+        if self.k is None:
+            zeros = jax.jit(lambda: jnp.zeros(shape, self.cache_dtype), out_shardings=sharding)
+            self.k, self.v = zeros(), zeros()
+            self._free = list(range(num_pages - 1, -1, -1))
+            self._refs = np.zeros(num_pages, np.int64)
+            return
+        pad = jax.jit(lambda x: jnp.pad(x, ((0, 0), (0, num_pages - old), (0, 0), (0, 0), (0, 0))),
+                      out_shardings=sharding)
+        self.k, self.v = pad(self.k), pad(self.v)
+        self._free = list(range(num_pages - 1, old - 1, -1)) + self._free
+        self._refs = np.concatenate([self._refs, np.zeros(num_pages - old, np.int64)])
+        self._cached = np.concatenate([self._cached, np.zeros(num_pages - old, bool)])
+
+    def _release(self, page: int):
+        self._refs[page] -= 1
+        if self._refs[page] == 0 and not self._cached[page]:
+            self._free.append(page)
+
+    def _map(self, slot: int, page: int):
+        self.table[slot, self.held[slot]] = page
+        self.held[slot] += 1
+        self._refs[page] += 1
+
+    def _ensure(self, slot: int, positions: int):
+        """Pages in the slot's table for conversation positions [0, positions)."""
+        need = min(-(-positions // self.page_size), self.pages_per_slot) - self.held[slot]
+        if need <= 0:
+            return
+        if len(self._free) < need and self.num_pages < self.max_pages:
+            # Grow before evicting: which pages are shared then never depends on the pool's size
+            # (a resumed run's fresh pool draws the same tokens as the run it continues).
+            self._grow(self._pool_size(self.num_pages - len(self._free) + need))
+        if len(self._free) < need:  # the pool is as large as every slot full: drop the cache
+            self.reset_prefix_cache()
+        for _ in range(need):
+            self._map(slot, self._free.pop())
+        self.peak_pages = max(self.peak_pages, int(np.sum(self._refs > 0)))
+
+    def reset_prefix_cache(self):
+        """Forgets every cached prompt page (call it when params change)."""
+        self._prefix.clear()
+        self._cached[:] = False
+        self._free = [p for p in range(self.num_pages - 1, -1, -1) if self._refs[p] == 0]
+        self._prompt = [None] * self.num_slots
+
+    def _lookup(self, slot: int, todo: list[int]) -> list[int]:
+        """Maps the cached pages that continue the slot's prompt; returns the tokens left."""
+        ps = self.page_size
+        while self._prompt[slot] is not None and len(todo) >= ps and self.lengths[slot] % ps == 0:
+            page = self._prefix.get((int(self._node[slot]), tuple(todo[:ps])))
+            if page is None:
+                break
+            self._map(slot, page)
+            self._node[slot] = page
+            self.lengths[slot] += ps
+            self.prefill_shared_tokens += ps
+            todo = todo[ps:]
+        return todo
+
+    def _next_key(self, slot: int, todo: list[int]):
+        """The prefix-cache key of the next page a starting episode would compute, else None."""
+        ps = self.page_size
+        if self._prompt[slot] is None or len(todo) < ps or self.lengths[slot] % ps:
+            return None
+        return int(self._node[slot]), tuple(todo[:ps])
+
+    def _register(self, slot: int):
+        """Enters the full pages of a starting episode's (now cached) prompt in the prefix cache."""
+        prompt, ps = self._prompt[slot], self.page_size
+        for j in range(len(prompt) // ps):
+            page = int(self.table[slot, j])
+            key = (int(self.table[slot, j - 1]) if j else -1, tuple(prompt[j * ps:(j + 1) * ps]))
+            if key not in self._prefix:
+                self._prefix[key] = page
+                self._cached[page] = True
+        self._prompt[slot] = None
 
     # ------------------------------------------------------------------------- slot management
 
@@ -170,7 +303,9 @@ class SamplingEngine:
             if self.keys is None:
                 self.keys = np.zeros((self.num_slots,) + data.shape, data.dtype)
             self.keys[slot] = data
-            self.lengths[slot] = 0
+            self._drop_pages(slot)
+            self._prompt[slot] = ids[:-1] if self.share_prompts else None  # what gets cached
+            self._node[slot] = -1
             tokens = ids
         elif status == _WAITING:
             if key is not None:
@@ -193,8 +328,14 @@ class SamplingEngine:
         """Ends the slot's episode; the slot can start a new one (its old cache is never read)."""
         self._check_slot(slot)
         self.status[slot] = _FREE
-        self.lengths[slot] = 0
+        self._drop_pages(slot)
         self.queued[slot], self.out_ids[slot], self.out_logps[slot] = [], [], []
+
+    def _drop_pages(self, slot: int):
+        for page in self.table[slot, :self.held[slot]]:
+            self._release(int(page))
+        self.table[slot], self.held[slot], self.lengths[slot] = NO_PAGE, 0, 0
+        self._prompt[slot] = None
 
     def length(self, slot: int) -> int:
         """Tokens of the slot's episode so far (cached + queued + the last generated one)."""
@@ -226,26 +367,21 @@ class SamplingEngine:
             done += self.step(params, lora)
         return sorted(done, key=lambda g: g.slot)
 
-    def _rows(self, slots):
-        """Slot indices padded to a power-of-two bucket with out-of-range rows (dropped on write)."""
+    def _tables(self, slots, positions: int, write_from=None):
+        """The busy rows' page tables over a window of `positions` (padded to a power-of-two row
+        bucket with rows of no pages), and the same with pages before `write_from[i]` (positions
+        the call does not write) taken out, for the write-back."""
         n = min(_pow2(len(slots), self.min_rows), max(self.num_slots, self.min_rows))
-        rows = np.full(n, self.num_slots, np.int32)
-        rows[:len(slots)] = slots
-        return rows
+        width = -(-positions // self.page_size)
+        read = np.full((n, width), NO_PAGE, np.int32)
+        read[:len(slots)] = self.table[slots, :width]
+        write = read.copy()
+        for i, start in enumerate(write_from):
+            write[i, :start // self.page_size] = NO_PAGE
+        return read, write
 
     def _len_bucket(self, needed: int) -> int:
         return min(_pow2(needed, self.min_len_bucket), self.max_len)
-
-    def _shared_prompts(self, todo) -> dict[int, int]:
-        """{slot: the slot whose cache it copies}: new episodes whose prompt (all but its last
-        token) another new episode of this prefill has too, e.g. the K rollouts of a task."""
-        first, copies = {}, {}
-        for s, tokens in todo.items():
-            if self.share_prompts and self.lengths[s] == 0 and tokens:
-                src = first.setdefault(tuple(tokens), s)
-                if src != s:
-                    copies[s] = src
-        return copies
 
     def _prefill(self, params, lora, slots):
         # Every queued token but the last goes into the cache here; the last is the first decode
@@ -255,59 +391,64 @@ class SamplingEngine:
             self.next_input[s] = self.queued[s][-1]
             self.queued[s] = []
             self.status[s] = _DECODING
-        copies = self._shared_prompts(todo)
-        slots = [s for s in slots if s not in copies]
-        todo = {s: todo[s] for s in slots}
-        self.prefill_tokens += sum(len(t) for t in todo.values())
-        rows = self._rows(slots)
+        while todo:  # rounds: a starting episode whose next page another one computes waits
+            run, later, claimed = [], {}, set()
+            for s in todo:
+                todo[s] = self._lookup(s, todo[s])
+                key = self._next_key(s, todo[s])
+                if key is not None and key in claimed:
+                    later[s] = todo[s]
+                else:
+                    run.append(s)
+                    claimed.add(key)
+            self._prefill_round(params, lora, {s: todo[s] for s in run})
+            for s in run:
+                if self._prompt[s] is not None:
+                    self._register(s)
+            todo = later
+
+    def _prefill_round(self, params, lora, todo):
+        slots = [s for s in todo if todo[s]]
+        self.prefill_tokens += sum(len(todo[s]) for s in slots)
         C = self.prefill_chunk
-        while any(todo.values()):
-            longest = max(len(t) for t in todo.values())
+        while slots and any(todo[s] for s in slots):
+            longest = max(len(todo[s]) for s in slots)
             T = min(_pow2(longest, 16), C)
-            tokens = np.zeros((len(rows), T), np.int32)
-            seg = np.zeros((len(rows), T), np.int32)
-            lengths = np.zeros(len(rows), np.int32)
+            n = len(slots)
+            tokens, seg = np.zeros((n, T), np.int32), np.zeros((n, T), np.int32)
+            lengths = self.lengths[slots].astype(np.int32)
             for i, s in enumerate(slots):
                 chunk, todo[s] = todo[s][:T], todo[s][T:]
                 tokens[i, :len(chunk)], seg[i, :len(chunk)] = chunk, 1
-                lengths[i] = self.lengths[s]
-            len_bucket = self._len_bucket(int((lengths + seg.sum(1)).max()))
-            self.k, self.v = self._prefill_call(params, lora, k=self.k, v=self.v, rows=rows,
-                                              tokens=tokens, seg=seg, lengths=lengths,
-                                              len_bucket=len_bucket)
-            for i, s in enumerate(slots):
-                self.lengths[s] += int(seg[i].sum())
-        if copies:  # the prompt's keys and values, copied from the slot that computed them
-            dst = list(copies)
-            src = [copies[s] for s in dst]
-            self.k, self.v = _copy_program(
-                k=self.k, v=self.v, src=self._rows(src), dst=self._rows(dst),
-                len_bucket=self._len_bucket(int(max(self.lengths[s] for s in src))))
-            for s, c in zip(dst, src):
-                self.lengths[s] = self.lengths[c]
-                self.prefill_shared_tokens += int(self.lengths[c])
+                self._ensure(s, int(lengths[i]) + len(chunk))
+            window = self._len_bucket(int((lengths + seg.sum(1)).max()))
+            read, write = self._tables(slots, window, lengths)
+            pad = read.shape[0] - n
+            self.k, self.v = self._prefill_call(
+                params, lora, k=self.k, v=self.v, read=read, write=write,
+                tokens=np.pad(tokens, ((0, pad), (0, 0))), seg=np.pad(seg, ((0, pad), (0, 0))),
+                lengths=np.pad(lengths, (0, pad)))
+            self.lengths[slots] += seg.sum(1)
 
     def _decode(self, params, lora, slots) -> list[Generation]:
-        rows = self._rows(slots)
-        n = len(rows)
-        lengths = np.zeros(n, np.int32)
-        budget = np.zeros(n, np.int32)
-        keys = np.zeros((n,) + self.keys.shape[1:], self.keys.dtype)
-        temperature = np.ones(n, np.float32)
-        tokens = np.zeros(n, np.int32)
-        for i, s in enumerate(slots):
-            lengths[i] = self.lengths[s]
-            made = sum(len(x) for x in self.out_ids[s])
-            # A sampled token occupies conversation position lengths + 1 + (steps so far); the
-            # last one that fits is at max_len - 1.
-            budget[i] = min(self.max_new[s] - made, self.max_len - 1 - self.lengths[s])
-            keys[i], temperature[i], tokens[i] = self.keys[s], self.temperature[s], self.next_input[s]
         steps = self.decode_steps
-        len_bucket = self._len_bucket(int(lengths[:len(slots)].max()) + min(steps, int(budget.max())))
+        budget = np.array([min(self.max_new[s] - sum(len(x) for x in self.out_ids[s]),
+                               # a sampled token sits at position lengths + 1 + (steps so far);
+                               # the last one that fits is at max_len - 1
+                               self.max_len - 1 - self.lengths[s]) for s in slots], np.int32)
+        for s, b in zip(slots, budget):  # the call writes positions [lengths, lengths + steps)
+            self._ensure(s, int(self.lengths[s]) + min(steps, int(b)))
+        lengths = self.lengths[slots].astype(np.int32)
+        window = self._len_bucket(int(lengths.max()) + min(steps, int(budget.max())))
+        read, write = self._tables(slots, window, lengths)
+        pad = read.shape[0] - len(slots)
+        keys = self.keys[slots]
         self.k, self.v, out_ids, out_logps, n_out = self._decode_call(
-            params, lora, k=self.k, v=self.v, rows=rows, tokens=tokens, lengths=lengths,
-            keys=keys, temperature=temperature, budget=budget, stop_ids=self.stop_ids,
-            len_bucket=len_bucket, num_steps=steps)
+            params, lora, k=self.k, v=self.v, read=read, write=write,
+            tokens=np.pad(self.next_input[slots], (0, pad)), lengths=np.pad(lengths, (0, pad)),
+            keys=np.pad(keys, ((0, pad),) + ((0, 0),) * (keys.ndim - 1)),
+            temperature=np.pad(self.temperature[slots], (0, pad), constant_values=1.0),
+            budget=np.pad(budget, (0, pad)), stop_ids=self.stop_ids, num_steps=steps)
         out_ids, out_logps, n_out = np.asarray(out_ids), np.asarray(out_logps), np.asarray(n_out)
         finished = []
         for i, s in enumerate(slots):
@@ -348,40 +489,36 @@ class SamplingEngine:
 TRACES = collections.Counter()  # how many times each program was traced (= compiled)
 
 
-def _gather(x, rows, len_bucket):
-    return jnp.take(x[:, :, :len_bucket], rows, axis=1, mode="fill", fill_value=0)
+def _gather(x, table_BxN):
+    """The rows' cache windows, L x B x (N * page_size) x Hk x Dh (zeros where there is no page)."""
+    (B, N), (L, _, ps, Hk, Dh) = table_BxN.shape, x.shape
+    pages = jnp.take(x, table_BxN.reshape(-1), axis=1, mode="fill", fill_value=0)
+    return pages.reshape(L, B, N * ps, Hk, Dh)
 
 
-def _scatter(x, rows, sub):
-    return x.at[:, rows, :sub.shape[2]].set(sub, mode="drop")
+def _scatter(x, table_BxN, window):
+    """Writes the windows back page by page (entries NO_PAGE are dropped)."""
+    L, _, ps, Hk, Dh = x.shape
+    return x.at[:, table_BxN.reshape(-1)].set(window.reshape(L, -1, ps, Hk, Dh), mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "len_bucket"), donate_argnames=("k", "v"))
-def _prefill_program(params, lora, *, config, k, v, rows, tokens, seg, lengths, len_bucket):
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("k", "v"))
+def _prefill_program(params, lora, *, config, k, v, read, write, tokens, seg, lengths):
     TRACES["prefill"] += 1  # runs once per trace
-    cache = KVCache(_gather(k, rows, len_bucket), _gather(v, rows, len_bucket), lengths)
+    cache = KVCache(_gather(k, read), _gather(v, read), lengths)
     # hidden_states, not forward: the prefill needs no logits (the unembedding is skipped).
     _, cache = hidden_states(config, params, tokens, segment_ids_BxT=seg, lora=lora, cache=cache)
-    return _scatter(k, rows, cache.k_LxBxSxHkxDh), _scatter(v, rows, cache.v_LxBxSxHkxDh)
+    return _scatter(k, write, cache.k_LxBxSxHkxDh), _scatter(v, write, cache.v_LxBxSxHkxDh)
 
 
-@functools.partial(jax.jit, static_argnames=("len_bucket",), donate_argnames=("k", "v"))
-def _copy_program(*, k, v, src, dst, len_bucket):
-    """Cache rows dst[i] := rows src[i] over the first len_bucket positions (padding rows, out of
-    range, read zeros and write nothing)."""
-    TRACES["copy"] += 1
-    return (_scatter(k, dst, _gather(k, src, len_bucket)),
-            _scatter(v, dst, _gather(v, src, len_bucket)))
-
-
-@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "len_bucket", "num_steps"),
+@functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "num_steps"),
                    donate_argnames=("k", "v"))
-def _decode_program(params, lora, *, config, top_k, top_p, k, v, rows, tokens, lengths, keys,
-                    temperature, budget, stop_ids, len_bucket, num_steps):
+def _decode_program(params, lora, *, config, top_k, top_p, k, v, read, write, tokens, lengths,
+                    keys, temperature, budget, stop_ids, num_steps):
     TRACES["decode"] += 1
-    B = rows.shape[0]
+    B = read.shape[0]
     episode_keys = jax.random.wrap_key_data(keys)
-    state = dict(k=_gather(k, rows, len_bucket), v=_gather(v, rows, len_bucket),
+    state = dict(k=_gather(k, read), v=_gather(v, read),
                  lengths=lengths, tokens=tokens, active=budget > 0, step=jnp.int32(0),
                  n_out=jnp.zeros(B, jnp.int32), ids=jnp.zeros((B, num_steps), jnp.int32),
                  logps=jnp.zeros((B, num_steps), acc_dtype(config.dtype)))
@@ -399,15 +536,15 @@ def _decode_program(params, lora, *, config, top_k, top_p, k, v, rows, tokens, l
         tok, logp = sample_tokens(logits[:, 0], step_keys, temperature, top_k=top_k, top_p=top_p)
         n_out = st["n_out"] + active
         stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=1) | (n_out >= budget)
-        write = (jnp.arange(num_steps)[None, :] == st["step"]) & active[:, None]
+        write_out = (jnp.arange(num_steps)[None, :] == st["step"]) & active[:, None]
         return dict(k=cache.k_LxBxSxHkxDh, v=cache.v_LxBxSxHkxDh, lengths=cache.lengths_B,
                     tokens=jnp.where(active, tok, st["tokens"]), active=active & ~stopped,
                     step=st["step"] + 1, n_out=n_out,
-                    ids=jnp.where(write, tok[:, None], st["ids"]),
-                    logps=jnp.where(write, logp[:, None], st["logps"]))
+                    ids=jnp.where(write_out, tok[:, None], st["ids"]),
+                    logps=jnp.where(write_out, logp[:, None], st["logps"]))
 
     st = jax.lax.while_loop(cond, body, state)
-    return (_scatter(k, rows, st["k"]), _scatter(v, rows, st["v"]), st["ids"], st["logps"],
+    return (_scatter(k, write, st["k"]), _scatter(v, write, st["v"]), st["ids"], st["logps"],
             st["n_out"])
 
 
