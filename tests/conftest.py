@@ -3,7 +3,19 @@
 XLA reads XLA_FLAGS once, when the backend starts, so this must run before anything imports jax.
 """
 import os
+import tempfile
 
+# One persistent XLA compilation cache for every process of a test session: both xdist workers
+# and the main-job subprocesses (test_train runs the job six times, test_multihost three) compile
+# the same programs, which then compile once. JAX keys entries on the program and its options, so
+# a hit is the executable a compile would give. A size limit turns on JAX's file lock, which
+# keeps processes that write the cache at the same time safe. Traces (what the compile-count
+# tests count) are not cached.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"loopjax-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
