@@ -1,4 +1,4 @@
-"""The sampler's shared prompts (a task's K rollouts prefill their prompt once): ONE JSON line.
+"""The sampler's prefix cache (prompt pages common to episodes computed once): ONE JSON line.
 
     python benchmarks/prompt_sharing.py                 # needs a finished default run (runs/miniworld-tiny)
     python benchmarks/prompt_sharing.py --run_dir runs/x -- --compact_prompt=false --max_seq_len=4096
@@ -6,8 +6,9 @@
 Restores the run's last checkpoint and collects one iteration of its G x K training rollouts
 (the main job's code path: loopjax.train.rollouts) with `--sampler.share_prompts` off and on,
 `--repeats` times each in alternation after one warm-up collection each (which compiles).
-Reports the prompt tokens prefilled and copied per iteration, the median collection seconds of
-each, and whether both produced the same episodes (tokens equal; log-probs to 1e-5).
+Reports the prompt tokens prefilled and mapped from the prefix cache per iteration, the median
+collection seconds of each, and whether both produced the same episodes (tokens equal; log-probs
+to 1e-5).
 """
 
 import argparse
@@ -62,7 +63,7 @@ def main():
            "mean_prompt_len": float(np.mean([np.argmax(r.is_output) for r in plain])),
            "prefill_tokens": {"unshared": runs[False][0][1]["prefill_tokens"],
                               "shared": stats["prefill_tokens"],
-                              "copied": stats["prefill_shared_tokens"]},
+                              "mapped": stats["prefill_shared_tokens"]},
            "collect_s": {"unshared": round(statistics.median(r[2] for r in runs[False]), 2),
                          "shared": round(statistics.median(r[2] for r in runs[True]), 2)},
            "same_tokens": same_tokens, "max_logp_diff": logp_diff}

@@ -4,6 +4,7 @@
 attention, the LoRA delta, and the log-probs under a frozen unembedding. Here the same model is
 written out plainly (dense masked attention, `x @ A @ B`, a full log-softmax), differentiated by
 `jax.grad`, and compared in float64 (x64 mode), where rounding is ~1e-15 and any mistake shows.
+Both sides run jitted (one compile each, not one per eager op).
 The building blocks the reference shares with the model (RMSNorm, RoPE, the masked `attention`
 of the KV-cache path) are checked against transformers in test_models.py.
 """
@@ -119,8 +120,8 @@ def test_lora_gradients_match_plain_autodiff(variant):
         def plain(w):
             return jnp.sum(weight * reference_logprobs(config, params, w, lora.scale, tokens, seg, pos))
 
-        value, grads = jax.value_and_grad(fast)(lora.weights)
-        ref_value, ref_grads = jax.value_and_grad(plain)(lora.weights)
+        value, grads = jax.jit(jax.value_and_grad(fast))(lora.weights)
+        ref_value, ref_grads = jax.jit(jax.value_and_grad(plain))(lora.weights)
         assert abs(float(value - ref_value)) < 1e-10 * abs(float(ref_value))
         assert min(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grads)) > 1e-4
         assert _max_rel_diff(ref_grads, grads) < 1e-10  # measured: 3e-14 or less
@@ -141,7 +142,7 @@ def test_full_weight_gradients_match_plain_autodiff(variant):
         def plain(p):
             return jnp.sum(weight * reference_logprobs(config, p, zero, 0.0, tokens, seg, pos))
 
-        grads, ref_grads = jax.grad(fast)(params), jax.grad(plain)(params)
+        grads, ref_grads = jax.jit(jax.grad(fast))(params), jax.jit(jax.grad(plain))(params)
         assert _max_rel_diff(ref_grads, grads) < 1e-10
 
 
@@ -170,7 +171,7 @@ def test_blocked_attention_matches_dense_autodiff(T, chunk):
         def dense(q, k, v):
             return jnp.sum(w * tf.attention(q, k, v, mask))
 
-        (value, grads), (ref, ref_grads) = (jax.value_and_grad(f, (0, 1, 2))(q, k, v)
+        (value, grads), (ref, ref_grads) = (jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v)
                                             for f in (blocked, dense))
         assert abs(float(value - ref)) < 1e-12 * abs(float(ref))
         assert _max_rel_diff(ref_grads, grads) < 1e-12
@@ -186,8 +187,9 @@ def test_blocked_attention_fp32_and_bf16():
     w = jnp.asarray(rng.normal(size=(B, T, H * Dh)), jnp.float32)
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):  # measured 1e-6, 4e-3
         args = [x.astype(dtype) for x in (q, k, v)]
-        grads = jax.grad(lambda *a: jnp.sum(w * tf.causal_attention(*a, seg, 16)), (0, 1, 2))(*args)
-        ref = jax.grad(lambda *a: jnp.sum(w * tf.attention(*a, mask)), (0, 1, 2))(
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(w * tf.causal_attention(*a, seg, 16)),
+                                 (0, 1, 2)))(*args)
+        ref = jax.jit(jax.grad(lambda *a: jnp.sum(w * tf.attention(*a, mask)), (0, 1, 2)))(
             *[x.astype(jnp.float32) for x in args])
         assert all(g.dtype == dtype for g in grads)
         assert _max_rel_diff(ref, [g.astype(jnp.float32) for g in grads]) < tol
