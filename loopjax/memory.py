@@ -10,6 +10,7 @@ beside the measured peak).
   layer the residual stream, the two norms, q / k / v and the attention output, and the MLP's
   gate / up / product (4D + 2(H + Hk)Dh + 3F values), or with `remat` one layer's of those plus
   each layer's input (D values); rows x the longest update bucket tokens, in the model dtype.
+  For a sampler alone: `sampler_activation_bytes`, its largest temporaries.
 
 Totals are for the whole run, not per device: on a mesh the weights and cache are split over it.
 """
@@ -40,13 +41,13 @@ class MemoryEstimate:
     def total_now(self) -> int:
         return self.weights + self.optimizer + self.cache_now + self.activations
 
-    def describe(self) -> str:
+    def describe(self, activations: str = "learner activations", when: str = "at the start") -> str:
         def gb(n):
             return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
         return (f"weights {gb(self.weights)} + optimizer {gb(self.optimizer)} + KV cache "
                 f"{gb(self.cache_now)} ({self.cache_per_token / 1024:.1f} KiB per token held; "
-                f"grows with the tokens held, at most {gb(self.cache_bound)}) + learner "
-                f"activations ~{gb(self.activations)} = {gb(self.total_now)} at the start")
+                f"grows with the tokens held, at most {gb(self.cache_bound)}) + {activations} "
+                f"~{gb(self.activations)} = {gb(self.total_now)} {when}")
 
 
 def activation_bytes(config, tokens: int, remat: bool) -> int:
@@ -58,6 +59,16 @@ def activation_bytes(config, tokens: int, remat: bool) -> int:
         + 3 * c.intermediate_size
     values = (c.num_layers * c.hidden_size + per_layer) if remat else c.num_layers * per_layer
     return int(tokens * values * jax.numpy.dtype(c.jnp_dtype).itemsize)
+
+
+def sampler_activation_bytes(config, rows: int, chunk: int, window: int) -> int:
+    """About the largest temporaries of a sampler call: a prefill chunk's attention scores over
+    the window (rows x H x chunk x window, fp32), its MLP (rows x chunk x 3F) and one decode
+    step's logits (rows x V, fp32)."""
+    c = config
+    itemsize = jax.numpy.dtype(c.jnp_dtype).itemsize
+    return int(rows * c.num_heads * chunk * window * 4 + rows * chunk * 3 * c.intermediate_size
+               * itemsize + rows * c.vocab_size * 4)
 
 
 def estimate(engine, weights, optimizer=None, activations: int = 0) -> MemoryEstimate:
