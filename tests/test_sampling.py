@@ -320,3 +320,17 @@ def test_sample_tokens_truncation_and_greedy():
     assert np.all(tok == 0) and np.allclose(logp, np.log(0.5))
     tok, _ = sample_tokens(logits, keys, jnp.ones(2000))
     np.testing.assert_allclose(np.bincount(tok, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+def test_memory_estimate_is_the_arithmetic(model):
+    """loopjax.memory's estimate: the params' bytes, the pool as it is, and every slot full."""
+    from loopjax import memory  # noqa: PLC0415
+    config, params, lora, _, _ = model
+    engine = _engine(config)
+    est = memory.estimate(engine, (params, lora.weights))
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4  # fp32 k and v
+    assert engine.token_bytes() == est.cache_per_token == per_token
+    assert est.weights == sum(x.size * 4 for x in jax.tree.leaves((params, lora.weights)))
+    assert est.cache_now == engine.num_pages * PAGE * per_token == SLOTS * 64 * per_token
+    assert est.cache_bound == SLOTS * MAX_LEN * per_token  # 128 = 16 whole pages per slot
+    assert est.total_now == est.weights + est.cache_now and "KiB per token held" in est.describe()
