@@ -111,8 +111,9 @@ class SamplerConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) <= 0:
-                raise ValueError(f"sampler.{f.name} must be positive, got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if not isinstance(value, bool) and value <= 0:
+                raise ValueError(f"sampler.{f.name} must be positive, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)

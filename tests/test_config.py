@@ -62,6 +62,14 @@ def test_bad_values_get_clear_errors(argv, message):
         resolve(argv)
 
 
+def test_sampler_switches_and_page_size():
+    """A sampler switch may be off (only its numbers must be positive)."""
+    c = resolve(["--sampler.share_prompts=false", "--sampler.page_size=16"])
+    assert c.sampler.share_prompts is False and c.sampler.page_size == 16
+    with pytest.raises(ValueError, match="sampler.page_size must be positive"):
+        resolve(["--sampler.page_size=0"])
+
+
 def test_unknown_preset_exits_with_the_list():
     with pytest.raises(SystemExit, match="unknown preset"):
         resolve(["--preset=nope"])
