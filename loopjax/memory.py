@@ -77,5 +77,5 @@ def estimate(engine, weights, optimizer=None, activations: int = 0) -> MemoryEst
     return MemoryEstimate(
         weights=tree_bytes(weights), optimizer=tree_bytes(optimizer),
         cache_now=engine.cache_bytes(),
-        cache_bound=engine.max_pages * engine.page_size * engine.token_bytes(),
+        cache_bound=engine.pages_bytes(engine.max_pages),
         cache_per_token=engine.token_bytes(), activations=activations)

@@ -100,7 +100,7 @@ def setup(config: TrainConfig) -> RunState:
                             min_len_bucket=c.sampler.min_len_bucket,
                             share_prompts=c.sampler.share_prompts, page_size=c.sampler.page_size)
     if is_main:
-        rows = c.update.microbatch_size or c.update.minibatch_size
+        rows = c.update.minibatch_size // c.update.num_microbatches  # per forward pass
         est = memory.estimate(engine, (state.base, state.trainable), state.opt_state,
                               memory.activation_bytes(model_config, rows * c.epochs.buckets[-1],
                                                       c.update.remat))

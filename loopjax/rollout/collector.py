@@ -202,7 +202,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
     stats["cut"] = len(episodes) - len(finished)
     stats["prefill_tokens"] = engine.prefill_tokens - prefilled[0]  # prompt tokens computed
     stats["prefill_shared_tokens"] = engine.prefill_shared_tokens - prefilled[1]  # ... and mapped
-    stats["kv_peak_bytes"] = engine.peak_pages * engine.page_size * engine.token_bytes()
+    stats["kv_peak_bytes"] = engine.pages_bytes(engine.peak_pages)
     return [ep.record() for ep in finished], stats
 
 

@@ -179,9 +179,13 @@ class SamplingEngine:
         c = self.config
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.cache_dtype.itemsize
 
+    def pages_bytes(self, pages: int) -> int:
+        """Bytes of k and v in `pages` pages."""
+        return pages * self.page_size * self.token_bytes()
+
     def cache_bytes(self) -> int:
         """Bytes the page pool holds now."""
-        return self.num_pages * self.page_size * self.token_bytes()
+        return self.pages_bytes(self.num_pages)
 
     def _round(self, n: int) -> int:
         """n rounded up to a multiple of the data-parallel size (pages split evenly over it)."""
