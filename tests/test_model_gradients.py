@@ -146,6 +146,44 @@ def test_full_weight_gradients_match_plain_autodiff(variant):
         assert _max_rel_diff(ref_grads, grads) < 1e-10
 
 
+@pytest.mark.parametrize("variant,trained", [("qwen2", "lora"), ("llama", "lora"),
+                                              ("qwen2", "full"), ("llama", "full")])
+def test_needed_positions_only_match_plain_autodiff(variant, trained):
+    """token_logprobs(needed_BxT=...) (the learner's: log-probs of generated tokens only) sorts
+    each row's needed positions first and skips the chunks past them: the values there and the
+    gradient of a loss over them equal the plain model's. 5 needed positions per row, spread
+    over all three 7-token chunks, so that one chunk is computed and two are skipped."""
+    with jax.enable_x64(True):
+        config, params, lora, tokens, weight = _setup(variant)
+        seg, pos = jnp.asarray(SEGMENTS), jnp.asarray(POSITIONS)
+        needed = np.zeros(SEGMENTS.shape, bool)
+        needed[0, [2, 6, 10, 14, 16]] = needed[1, [1, 8, 12, 17, 18]] = True
+        needed = jnp.asarray(needed)
+        lora_w = lora.weights if trained == "lora" else jax.tree.map(jnp.zeros_like, lora.weights)
+        scale = lora.scale if trained == "lora" else 0.0
+
+        def fast(p, w):
+            return tf.token_logprobs(config, p, tokens, positions_BxT=pos, segment_ids_BxT=seg,
+                                     lora=lora.replace(weights=w) if trained == "lora" else None,
+                                     temperature=TEMPERATURE, needed_BxT=needed)
+
+        def plain(p, w):
+            return reference_logprobs(config, p, w, scale, tokens, seg, pos)
+
+        loss = lambda f: lambda p, w: jnp.sum(jnp.where(needed, weight * f(p, w), 0.0))
+        argnum = 1 if trained == "lora" else 0
+        lp, ref_lp = jax.jit(fast)(params, lora_w), jax.jit(plain)(params, lora_w)
+        assert float(jnp.min(jnp.abs(jnp.where(needed, ref_lp, 1.0)))) > 1e-3  # all live
+        assert float(jnp.max(jnp.abs(jnp.where(needed, lp - ref_lp, 0.0)))) < 1e-12
+        grads = jax.jit(jax.grad(loss(fast), argnum))(params, lora_w)
+        ref_grads = jax.jit(jax.grad(loss(plain), argnum))(params, lora_w)
+        assert _max_rel_diff(ref_grads, grads) < 1e-10
+        # Nothing needed: every chunk is skipped.
+        nothing = tf.token_logprobs(config, params, tokens, positions_BxT=pos, segment_ids_BxT=seg,
+                                    needed_BxT=jnp.zeros_like(needed))
+        assert not np.any(np.asarray(nothing))
+
+
 @pytest.mark.parametrize("T,chunk", [(19, 0), (19, 5), (40, 16)])
 def test_blocked_attention_matches_dense_autodiff(T, chunk):
     """Values and (q, k, v) gradients of the blocked attention with its own backward pass, against

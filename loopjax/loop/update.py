@@ -98,10 +98,14 @@ def rollout_logprobs(model_config, trainable, base, mb: Batch, temperature: floa
     out of its packed forward rows (`mb` is a Batch without its leading microbatch axis); the
     gather's gradient scatters back into the rows."""
     params, lora = split_params(trainable, base)
+    R, T = mb.tokens_UxRxT.shape
+    # Row positions of generated tokens: only their log-probs are computed (token_logprobs).
+    needed_RxT = jnp.zeros(R * T, bool).at[jnp.where(mb.mask_UxBxT, mb.src_UxBxT, R * T)].set(
+        True, mode="drop").reshape(R, T)
     logp_RxT = token_logprobs(model_config, params, mb.tokens_UxRxT, positions_BxT=mb.positions_UxRxT,
                               segment_ids_BxT=mb.segment_ids_UxRxT,
                               prefix_ids_BxT=mb.prefix_ids_UxRxT, lora=lora,
-                              temperature=temperature)
+                              temperature=temperature, needed_BxT=needed_RxT)
     return jnp.take(logp_RxT.reshape(-1), mb.src_UxBxT, mode="clip")
 
 

@@ -219,20 +219,15 @@ def _cols(ids, a, b):
     return tuple(None if x is None else x[:, a:b] for x in ids)
 
 
-def _block_probs(q_BxHkxMxDh, kT_BxHkxDhxS, ids_q, ids_k, a, lse=None):
-    """One query block's masked softmax probabilities over keys [0, S) (fp32 or float64), and the
-    log-sum-exp of each row; with `lse` given (the backward pass) it is reused, not recomputed."""
+def _block_scores(q_BxHkxMxDh, kT_BxHkxDhxS, ids_q, ids_k, a):
+    """One query block's scaled scores over keys [0, S) (fp32 or float64), -inf where masked."""
     B, Hk, M, _ = q_BxHkxMxDh.shape
     C, S = ids_q[0].shape[1], ids_k[0].shape[1]
     acc = acc_dtype(q_BxHkxMxDh.dtype)
     s = jnp.einsum("bkmd,bkds->bkms", q_BxHkxMxDh, kT_BxHkxDhxS,
                    preferred_element_type=acc) * (q_BxHkxMxDh.shape[-1] ** -0.5)
     mask = _segment_causal_mask(ids_q, ids_k, a)[:, None, None]  # B x 1 x 1 x C x S
-    s = jnp.where(mask, s.reshape(B, Hk, M // C, C, S), -jnp.inf).reshape(B, Hk, M, S)
-    if lse is None:  # every query sees at least itself, so each row has a finite max
-        m = jnp.max(s, axis=-1, keepdims=True)
-        lse = m + jnp.log(jnp.sum(jnp.exp(s - m), axis=-1, keepdims=True))
-    return jnp.exp(s - lse), lse
+    return jnp.where(mask, s.reshape(B, Hk, M // C, C, S), -jnp.inf).reshape(B, Hk, M, S)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -246,11 +241,17 @@ def _causal_attention_fwd(chunk, q, k, v, seg):
     kT, v_h = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # B x Hk x Dh x T, B x Hk x T x Dh
     outs, lses = [], []
     for a, b in _blocks(T, chunk):
-        q_h = _group_heads(q[:, a:b], Hk)
-        p, lse = _block_probs(q_h, kT[..., :b], _cols(seg, a, b), _cols(seg, 0, b), a)
-        o = jnp.einsum("bkms,bksd->bkmd", p.astype(v.dtype), v_h[:, :, :b])
-        outs.append(_ungroup_heads(o, b - a))
-        lses.append(lse)
+        s = _block_scores(_group_heads(q[:, a:b], Hk), kT[..., :b], _cols(seg, a, b),
+                          _cols(seg, 0, b), a)
+        # Every query sees at least itself, so each row has a finite max. One exp per score: the
+        # output is normalized (M x Dh), not the probabilities (M x S).
+        m = jnp.max(s, axis=-1, keepdims=True)
+        e = jnp.exp(s - m)
+        l = jnp.sum(e, axis=-1, keepdims=True)
+        o = jnp.einsum("bkms,bksd->bkmd", e.astype(v.dtype), v_h[:, :, :b],
+                       preferred_element_type=e.dtype) / l
+        outs.append(_ungroup_heads(o.astype(v.dtype), b - a))
+        lses.append(m + jnp.log(l))
     out = jnp.concatenate(outs, axis=1)
     return out, (q, k, v, seg, out, lses)
 
@@ -272,7 +273,7 @@ def _causal_attention_bwd(chunk, residuals, dout):
         q_h = _group_heads(q[:, a:b], Hk)
         do_h = _group_heads(dout[:, a:b], Hk)
         o_h = _group_heads(out[:, a:b], Hk)
-        p, _ = _block_probs(q_h, kT[..., :b], _cols(seg, a, b), _cols(seg, 0, b), a, lse)
+        p = jnp.exp(_block_scores(q_h, kT[..., :b], _cols(seg, a, b), _cols(seg, 0, b), a) - lse)
         dp = jnp.einsum("bkmd,bkds->bkms", do_h, vT[..., :b], preferred_element_type=acc)
         delta = jnp.sum(do_h.astype(acc) * o_h.astype(acc), axis=-1, keepdims=True)
         ds = (p * (dp - delta) * scale).astype(q.dtype)  # the gradient of the unscaled scores
@@ -443,7 +444,7 @@ def forward(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None, segm
 
 def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None,
                    segment_ids_BxT=None, prefix_ids_BxT=None, lora=None,
-                   temperature: float = 1.0):
+                   temperature: float = 1.0, needed_BxT=None):
     """logp_BxT[b, t] = log p(tokens[b, t] | tokens[b, <t]) within its segment (and the shared
     prefix segment `prefix_ids_BxT` names, if any: `_segment_causal_mask`).
 
@@ -452,6 +453,11 @@ def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=Non
     Qwen at T = 32K would need 19 GB per row). With a LoRA adapter the unembedding is frozen, and
     the gradient of each log-prob with respect to its hidden state is formed in the forward pass
     (`_frozen_unembed_logprobs`); with trained weights each chunk is rematerialized instead.
+
+    `needed_BxT` (optional, bool): the positions whose log-prob the caller uses (the learner's:
+    the generated tokens). Each row's hidden states are then sorted with the needed positions
+    first, and chunks holding none are skipped, so the unembedding costs what the needed tokens
+    need, not T. Elsewhere the result is 0 or the log-prob (whichever its chunk gave).
     """
     B, T = tokens_BxT.shape
     if segment_ids_BxT is None:
@@ -462,25 +468,46 @@ def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=Non
     # Hidden state at t predicts token t + 1.
     targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros((B, 1), tokens_BxT.dtype)], axis=1)
     C = min(config.logits_chunk, T)
-    pad = (-T) % C
-    h_pad = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    tgt_pad = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    n = (T + pad) // C
-    h_NxBxCxD = h_pad.reshape(B, n, C, -1).transpose(1, 0, 2, 3)
-    tgt_NxBxC = tgt_pad.reshape(B, n, C).transpose(1, 0, 2)
+    n = -(-T // C)
+    if needed_BxT is None:
+        order_BxT, chunks = None, n
+    else:  # h_t is needed where logp_{t+1} is; those first in each row (a stable sort)
+        need_BxT = jnp.concatenate([needed_BxT[:, 1:], jnp.zeros((B, 1), bool)], axis=1)
+        order_BxT = jnp.argsort(~need_BxT, axis=1, stable=True)
+        h_BxTxD = jnp.take_along_axis(h_BxTxD, order_BxT[..., None], axis=1)
+        targets_BxT = jnp.take_along_axis(targets_BxT, order_BxT, axis=1)
+        chunks = -(-jnp.max(jnp.sum(need_BxT, axis=1)) // C)  # chunks >= this are skipped
+    pad = n * C - T
+    h_NxBxCxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, -1).transpose(1, 0, 2, 3)
+    tgt_NxBxC = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(B, n, C).transpose(1, 0, 2)
 
     w_DxV = unembedding(config, params)
     if lora is not None:
         lp_NxBxC = _frozen_unembed_logprobs(temperature, jax.lax.stop_gradient(w_DxV),
-                                            h_NxBxCxD, tgt_NxBxC)
+                                            h_NxBxCxD, tgt_NxBxC, chunks)
     else:
-        lp_NxBxC = jax.lax.map(jax.checkpoint(
-            lambda args: _chunk_logprobs(w_DxV, *args, temperature)[0]), (h_NxBxCxD, tgt_NxBxC))
+        lp_NxBxC = _map_chunks(jax.checkpoint(
+            lambda h, tgt: _chunk_logprobs(w_DxV, h, tgt, temperature)[0]),
+            (h_NxBxCxD, tgt_NxBxC), chunks)
     lp_next_BxT = lp_NxBxC.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
+    if order_BxT is not None:  # back to position order
+        lp_next_BxT = jnp.zeros_like(lp_next_BxT).at[jnp.arange(B)[:, None], order_BxT].set(
+            lp_next_BxT, unique_indices=True)
     logp_BxT = jnp.concatenate([jnp.zeros((B, 1), lp_next_BxT.dtype), lp_next_BxT[:, :-1]], axis=1)
     continues = (segment_ids_BxT[:, 1:] == segment_ids_BxT[:, :-1]) & (segment_ids_BxT[:, 1:] > 0)
     valid_BxT = jnp.concatenate([jnp.zeros((B, 1), bool), continues], axis=1)
     return jnp.where(valid_BxT, logp_BxT, 0.0)
+
+
+def _map_chunks(f, xs, chunks):
+    """lax.map of f over the leading axis of xs; entries at index >= `chunks` (a traced count)
+    are skipped (zeros of f's output, no work)."""
+    def one(args):
+        i, x = args
+        return jax.lax.cond(i < chunks, lambda: f(*x),
+                            lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(f, *x)))
+    n = jax.tree.leaves(xs)[0].shape[0]
+    return jax.lax.map(one, (jnp.arange(n), xs))
 
 
 def _chunk_logprobs(w_DxV, h_BxCxD, tgt_BxC, temperature):
@@ -493,19 +520,19 @@ def _chunk_logprobs(w_DxV, h_BxCxD, tgt_BxC, temperature):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _frozen_unembed_logprobs(temperature, w_DxV, h_NxBxCxD, tgt_NxBxC):
-    """Chunked token log-probs under a frozen unembedding W (the caller stops its gradient)."""
-    return jax.lax.map(lambda args: _chunk_logprobs(w_DxV, *args, temperature)[0],
-                       (h_NxBxCxD, tgt_NxBxC))
+def _frozen_unembed_logprobs(temperature, w_DxV, h_NxBxCxD, tgt_NxBxC, chunks):
+    """Chunked token log-probs under a frozen unembedding W (the caller stops its gradient);
+    chunks from `chunks` on are skipped (`_map_chunks`)."""
+    return _map_chunks(lambda h, tgt: _chunk_logprobs(w_DxV, h, tgt, temperature)[0],
+                       (h_NxBxCxD, tgt_NxBxC), chunks)
 
 
-def _frozen_unembed_fwd(temperature, w_DxV, h_NxBxCxD, tgt_NxBxC):
+def _frozen_unembed_fwd(temperature, w_DxV, h_NxBxCxD, tgt_NxBxC, chunks):
     """Each log-prob depends on its own hidden state only, through
     d logp_t / d h_t = (W[:, y_t] - W p_t) / temperature, a D-vector formed here while p_t is at
     hand; the backward pass only scales it. Two V x D matmuls per chunk instead of three
     (forward, rematerialized forward, backward), and no transpose of the logits' gradient."""
-    def chunk(args):
-        h_BxCxD, tgt_BxC = args
+    def chunk(h_BxCxD, tgt_BxC):
         lp, probs = _chunk_logprobs(w_DxV, h_BxCxD, tgt_BxC, temperature)
         w = w_DxV.astype(h_BxCxD.dtype)
         expected_BxCxD = jnp.einsum("bcv,dv->bcd", probs.astype(h_BxCxD.dtype), w,
@@ -513,14 +540,14 @@ def _frozen_unembed_fwd(temperature, w_DxV, h_NxBxCxD, tgt_NxBxC):
         picked_BxCxD = jnp.take(w.T, tgt_BxC, axis=0).astype(expected_BxCxD.dtype)
         return lp, ((picked_BxCxD - expected_BxCxD) / temperature).astype(h_BxCxD.dtype)
 
-    lp, dlp_dh = jax.lax.map(chunk, (h_NxBxCxD, tgt_NxBxC))
-    return lp, (dlp_dh, w_DxV)
+    lp, dlp_dh = _map_chunks(chunk, (h_NxBxCxD, tgt_NxBxC), chunks)
+    return lp, (dlp_dh, w_DxV, chunks)
 
 
 def _frozen_unembed_bwd(temperature, residuals, g_NxBxC):
-    dlp_dh, w_DxV = residuals
+    dlp_dh, w_DxV, chunks = residuals
     dh = (g_NxBxC[..., None] * dlp_dh.astype(g_NxBxC.dtype)).astype(dlp_dh.dtype)
-    return jnp.zeros_like(w_DxV), dh, None
+    return jnp.zeros_like(w_DxV), dh, None, None
 
 
 _frozen_unembed_logprobs.defvjp(_frozen_unembed_fwd, _frozen_unembed_bwd)
