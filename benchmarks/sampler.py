@@ -1,7 +1,8 @@
 """Sampler throughput: loopjax's SamplingEngine vs transformers' generate (PyTorch, CPU), same run.
 
 A ~100M-parameter Qwen2-style model (D=768, L=12, H=12, Hk=2, F=2048, V=32000, tied embeddings),
-random weights, fp32 on both sides, the same thread count. Decode tokens/s at 1, 8 and 32
+or with `--model smollm2` SmolLM2-135M's shapes (Llama: D=576, L=30, H=9, Hk=3, F=1536,
+V=49152, tied), random weights, fp32 on both sides, the same thread count. Decode tokens/s at 1, 8 and 32
 concurrent sequences (temperature 1.0 sampling, no stop ids, fixed new-token count), prefill
 tokens/s, and how far decode is from the memory-bandwidth bound: bytes read per decode step
 (every weight once + the KV-cache prefix the step attends to) / the machine's copy bandwidth,
@@ -9,7 +10,7 @@ measured here with a large numpy copy; and the compute bound (2 x params FLOPs p
 numpy matmul's FLOP/s), which is what limits CPU decode at 32 sequences. Also decode with one step
 per call (a host round trip per token) against the fused on-device loop. Prints ONE JSON line.
 
-    python benchmarks/sampler.py [--quick] [--threads N]
+    python benchmarks/sampler.py [--quick] [--threads N] [--model qwen2-100m|smollm2]
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def _args():
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--decode-steps", type=int, default=64, help="fused decode steps per call")
+    ap.add_argument("--model", choices=("qwen2-100m", "smollm2"), default="qwen2-100m",
+                    help="the shapes (random weights): the default ~100M Qwen2, or SmolLM2-135M's")
     return ap.parse_args()
 
 
@@ -46,9 +49,18 @@ from loopjax.models.config import ModelConfig  # noqa: E402
 from loopjax.models.transformer import init_params  # noqa: E402
 from loopjax.sampling import SamplingEngine  # noqa: E402
 
-HF = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-          num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-          tie_word_embeddings=True, max_position_embeddings=4096)
+MODELS = {  # name -> (transformers config class, its arguments)
+    "qwen2-100m": ("Qwen2Config", dict(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+        tie_word_embeddings=True, max_position_embeddings=4096)),
+    "smollm2": ("LlamaConfig", dict(  # SmolLM2-135M-Instruct's config.json
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=1e5,
+        tie_word_embeddings=True, max_position_embeddings=8192)),
+}
+HF_CONFIG = getattr(transformers, MODELS[ARGS.model][0])(**MODELS[ARGS.model][1])
+HF = MODELS[ARGS.model][1]
 
 
 def memory_bandwidth(nbytes=1 << 29, repeats=3):
@@ -127,8 +139,8 @@ def main():
     concurrency = [int(c) for c in ARGS.concurrency.split(",")]
     torch.set_num_threads(ARGS.threads)
     torch.manual_seed(0)
-    hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**HF)).eval()
-    config = ModelConfig.from_hf_dict(transformers.Qwen2Config(**HF).to_dict())
+    hf_model = transformers.AutoModelForCausalLM.from_config(HF_CONFIG).eval()
+    config = ModelConfig.from_hf_dict(HF_CONFIG.to_dict())
     params = init_params(config, jax.random.key(0))
 
     bw, flops = memory_bandwidth(), matmul_flops()
@@ -146,8 +158,9 @@ def main():
     kv_bytes_per_row = (2 * config.num_layers * len_bucket * config.num_kv_heads * config.head_dim * 4)
     result = dict(
         benchmark="sampler", quick=ARGS.quick, threads=ARGS.threads,
-        model=dict(params=int(config.num_params()), D=768, L=12, H=12, Hk=2, F=2048, V=32000,
-                   dtype="float32"),
+        model=dict(name=ARGS.model, params=int(config.num_params()), D=config.hidden_size,
+                   L=config.num_layers, H=config.num_heads, Hk=config.num_kv_heads,
+                   F=config.intermediate_size, V=config.vocab_size, dtype="float32"),
         prompt_len=P, new_tokens=N, decode_steps_per_call=steps,
         memory_bandwidth_GBps=round(bw / 1e9, 2), matmul_GFLOPs=round(flops / 1e9, 1), jax=jax.__version__, torch=torch.__version__,
         transformers=transformers.__version__, devices=str(jax.devices()[0].platform))
