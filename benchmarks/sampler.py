@@ -30,7 +30,9 @@ def _args():
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--decode-steps", type=int, default=64, help="fused decode steps per call")
-    ap.add_argument("--model", choices=("qwen2-100m", "smollm2"), default="qwen2-100m",
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights and activations on both sides (bfloat16 for a GPU)")
+    ap.add_argument("--model", choices=("qwen2-100m", "smollm2", "qwen2-0.5b"), default="qwen2-100m",
                     help="the shapes (random weights): the default ~100M Qwen2, or SmolLM2-135M's")
     return ap.parse_args()
 
@@ -58,13 +60,34 @@ MODELS = {  # name -> (transformers config class, its arguments)
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=1e5,
         tie_word_embeddings=True, max_position_embeddings=8192)),
+    "qwen2-0.5b": ("Qwen2Config", dict(  # Qwen2.5-0.5B's shapes (for a GPU)
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+        tie_word_embeddings=True, max_position_embeddings=4096)),
 }
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 HF_CONFIG = getattr(transformers, MODELS[ARGS.model][0])(**MODELS[ARGS.model][1])
 HF = MODELS[ARGS.model][1]
 
 
 def memory_bandwidth(nbytes=1 << 29, repeats=3):
-    """Bytes moved per second by a large numpy copy (read + write)."""
+    """Bytes moved per second by a large copy (read + write): numpy's on a CPU, jax's on an
+    accelerator."""
+    if jax.default_backend() != "cpu":
+        src = jnp.ones(nbytes // 4, jnp.float32)
+        copy = jax.jit(lambda x: x + 1)
+        copy(src).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            copy(src).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        return 2 * nbytes / best
     src = np.ones(nbytes // 8, np.float64)
     dst = np.empty_like(src)
     best = float("inf")
@@ -76,7 +99,18 @@ def memory_bandwidth(nbytes=1 << 29, repeats=3):
 
 
 def matmul_flops(n=2048, repeats=3):
-    """fp32 FLOP/s of a large numpy matmul: the machine's practical compute peak."""
+    """FLOP/s of a large matmul: the machine's practical compute peak (numpy fp32 on a CPU; jax
+    in the benchmark's dtype on an accelerator)."""
+    if jax.default_backend() != "cpu":
+        a = jnp.ones((4 * n, 4 * n), ARGS.dtype)
+        mm = jax.jit(lambda a: a @ a)
+        mm(a).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            mm(a).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        return 2 * (4 * n) ** 3 / best
     a = np.ones((n, n), np.float32)
     a @ a
     best = float("inf")
@@ -117,15 +151,19 @@ def bench_hf(model, concurrency, P, N):
     gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
                pad_token_id=0)
     for n in concurrency:
-        ids = torch.tensor(rng.integers(0, HF["vocab_size"], (n, P)))
+        ids = torch.tensor(rng.integers(0, HF["vocab_size"], (n, P)), device=DEVICE)
         with torch.no_grad():
             model.generate(ids, max_new_tokens=2, min_new_tokens=2, **gen)  # warm-up
+            _sync()
             t0 = time.perf_counter()
             model(ids)  # prefill alone
+            _sync()
             t1 = time.perf_counter()
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen)
+            _sync()
             t2 = time.perf_counter()
             model.generate(ids, max_new_tokens=N, min_new_tokens=N, **gen)
+            _sync()
             t3 = time.perf_counter()
         # Decode = the N-token run minus the 1-token run (prefill + first token).
         out[n] = dict(decode_tok_s=n * (N - 1) / ((t3 - t2) - (t2 - t1)), prefill_tok_s=n * P / (t1 - t0))
@@ -139,8 +177,9 @@ def main():
     concurrency = [int(c) for c in ARGS.concurrency.split(",")]
     torch.set_num_threads(ARGS.threads)
     torch.manual_seed(0)
-    hf_model = transformers.AutoModelForCausalLM.from_config(HF_CONFIG).eval()
-    config = ModelConfig.from_hf_dict(HF_CONFIG.to_dict())
+    hf_model = transformers.AutoModelForCausalLM.from_config(HF_CONFIG).to(
+        device=DEVICE, dtype=getattr(torch, ARGS.dtype)).eval()
+    config = ModelConfig.from_hf_dict(HF_CONFIG.to_dict(), dtype=ARGS.dtype)
     params = init_params(config, jax.random.key(0))
 
     bw, flops = memory_bandwidth(), matmul_flops()
@@ -155,12 +194,13 @@ def main():
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     # The engine attends to a power-of-two cache prefix >= the longest row + the steps of a call.
     len_bucket = min(1 << (P + steps - 1).bit_length(), P + N + 1)
-    kv_bytes_per_row = (2 * config.num_layers * len_bucket * config.num_kv_heads * config.head_dim * 4)
+    kv_bytes_per_row = (2 * config.num_layers * len_bucket * config.num_kv_heads * config.head_dim
+                        * jnp.dtype(ARGS.dtype).itemsize)
     result = dict(
         benchmark="sampler", quick=ARGS.quick, threads=ARGS.threads,
         model=dict(name=ARGS.model, params=int(config.num_params()), D=config.hidden_size,
                    L=config.num_layers, H=config.num_heads, Hk=config.num_kv_heads,
-                   F=config.intermediate_size, V=config.vocab_size, dtype="float32"),
+                   F=config.intermediate_size, V=config.vocab_size, dtype=ARGS.dtype),
         prompt_len=P, new_tokens=N, decode_steps_per_call=steps,
         memory_bandwidth_GBps=round(bw / 1e9, 2), matmul_GFLOPs=round(flops / 1e9, 1), jax=jax.__version__, torch=torch.__version__,
         transformers=transformers.__version__, devices=str(jax.devices()[0].platform))

@@ -35,6 +35,9 @@ FULL = dict(vocab_size=32768, hidden_size=768, intermediate_size=3584, num_layer
             num_kv_heads=2, head_dim=64)
 SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
              num_kv_heads=2, head_dim=64)
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                 num_heads=14, num_kv_heads=2, head_dim=64)  # Qwen2.5-0.5B's shapes (for a GPU)
+MODELS = {"qwen2-100m": FULL, "small": SMALL, "qwen2-0.5b": QWEN2_05B}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -77,7 +80,7 @@ def base_weight_copies(jax, state) -> float:
 
 
 def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
-            attention_chunk: int | None = None) -> dict:
+            attention_chunk: int | None = None, dtype: str = "float32") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -88,7 +91,8 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
     from loopjax.models.transformer import init_params
     from loopjax.sharding import make_mesh
 
-    mc = ModelConfig(**cfg, qkv_bias=True, tie_embeddings=True, rope_theta=1e6, family="qwen2")
+    mc = ModelConfig(**cfg, qkv_bias=True, tie_embeddings=True, rope_theta=1e6, family="qwen2",
+                     dtype=dtype)
     if attention_chunk is not None:
         mc = mc.replace(attention_chunk=attention_chunk)
     uc = UpdateConfig(minibatch_size=n, microbatch_size=1, remat=remat)
@@ -114,9 +118,9 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
 
     copies = base_weight_copies(jax, state)
 
-    # Dense matmul FLOP/s of this machine, measured in this process (fp32, what the model runs in).
-    N = 2048
-    a = jnp.ones((N, N), jnp.float32)
+    # Dense matmul FLOP/s of this machine, measured in this process, in the model's dtype.
+    N = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((N, N), dtype)
     mm = jax.jit(lambda x, y: x @ y)
     jax.block_until_ready(mm(a, a))
     reps = 10
@@ -127,11 +131,12 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
     matmul = 2 * N ** 3 * reps / (time.perf_counter() - start)
     return dict(step_s=step_s, first_step_s=first_s, tokens_per_s=n * T / step_s,
                 peak_rss_mb=peak_rss_mb(), base_weight_copies=copies,
+                device=str(jax.devices()[0].device_kind),
                 matmul_flops_per_s=matmul, params=mc.num_params(), loss=float(metrics["loss"]),
                 compiles=step.num_compiles(), attention_chunk=mc.attention_chunk)
 
 
-def run_torch(cfg: dict, T: int, n: int, steps: int) -> dict:
+def run_torch(cfg: dict, T: int, n: int, steps: int, dtype: str = "float32") -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -142,15 +147,17 @@ def run_torch(cfg: dict, T: int, n: int, steps: int) -> dict:
                      num_attention_heads=cfg["num_heads"], num_key_value_heads=cfg["num_kv_heads"],
                      head_dim=cfg["head_dim"], tie_word_embeddings=True, rope_theta=1e6,
                      max_position_embeddings=max(T, 2048), use_cache=False)
-    model = Qwen2ForCausalLM(hf)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model = Qwen2ForCausalLM(hf).to(device=device, dtype=getattr(torch, dtype))
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules=list(TARGETS)))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5,
                             weight_decay=0.01)
     tokens, is_output, logp_old, adv = fake_rollouts(cfg, T, n)
-    tokens, logp_old, adv = torch.from_numpy(tokens).long(), torch.from_numpy(logp_old), torch.from_numpy(adv)
-    mask = torch.from_numpy(is_output)
+    tokens, logp_old, adv, mask = (torch.from_numpy(x).to(device) for x in (
+        tokens.astype(np.int64), logp_old, adv, is_output))
     eps = 0.1
 
     def one_step():
@@ -168,27 +175,35 @@ def run_torch(cfg: dict, T: int, n: int, steps: int) -> dict:
 
     start = time.perf_counter()
     one_step()
+    sync()
     first_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         one_step()
+    sync()
     step_s = (time.perf_counter() - start) / steps
-    N = 2048
-    a = torch.ones(N, N)
+    N = 2048 if device == "cpu" else 8192
+    a = torch.ones(N, N, device=device, dtype=getattr(torch, dtype))
     torch.mm(a, a)
+    sync()
     reps = 10
     start = time.perf_counter()
     for _ in range(reps):
         torch.mm(a, a)
+    sync()
     matmul = 2 * N ** 3 * reps / (time.perf_counter() - start)
     return dict(step_s=step_s, first_step_s=first_s, tokens_per_s=n * T / step_s,
-                peak_rss_mb=peak_rss_mb(), matmul_flops_per_s=matmul,
+                peak_rss_mb=peak_rss_mb(), matmul_flops_per_s=matmul, device=device,
                 torch_threads=torch.get_num_threads())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="a ~10M model at T=512, for a quick run")
+    ap.add_argument("--model", choices=sorted(MODELS), default=None,
+                    help="the shapes (default qwen2-100m; --small is --model small)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="params and activations on both sides (bfloat16 for a GPU)")
     ap.add_argument("--rollouts", type=int, default=2, help="rollouts in the timed minibatch")
     ap.add_argument("--steps", type=int, default=1, help="timed update steps after the first")
     ap.add_argument("--repeats", type=int, default=2,
@@ -200,14 +215,15 @@ def main():
                          "default: ModelConfig's)")
     ap.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    cfg = SMALL if args.small else FULL
-    T = args.seq or (512 if args.small else 2048)
+    model = args.model or ("small" if args.small else "qwen2-100m")
+    cfg = MODELS[model]
+    T = args.seq or (512 if model == "small" else 2048)
     if args.side:
         if args.side == "jax":
             print(json.dumps(run_jax(cfg, T, args.rollouts, args.steps, args.remat,
-                                     args.attention_chunk)))
+                                     args.attention_chunk, args.dtype)))
         else:
-            print(json.dumps(run_torch(cfg, T, args.rollouts, args.steps)))
+            print(json.dumps(run_torch(cfg, T, args.rollouts, args.steps, args.dtype)))
         return
     # The sides alternate, `--repeats` times each, and each keeps its fastest run: this machine's
     # speed drifts by 10% and more over minutes, which one run per side would put in the ratio.
@@ -216,7 +232,8 @@ def main():
         for side in ("jax", "torch"):
             cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--rollouts",
                    str(args.rollouts), "--steps", str(args.steps), "--seq", str(T)] + (
-                       ["--small"] if args.small else []) + (["--remat"] if args.remat else []) + (
+                       ["--model", model, "--dtype", args.dtype]) + (
+                       ["--remat"] if args.remat else []) + (
                        [] if args.attention_chunk is None or side == "torch"
                        else ["--attention_chunk", str(args.attention_chunk)])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -229,8 +246,9 @@ def main():
     j, t = sides["jax"], sides["torch"]
     result = dict(
         figure="update_step", config=dict(cfg, T=T, rollouts_per_step=args.rollouts, lora_rank=16,
-                                          remat=args.remat,
-                                          params=j["params"], dtype="float32"),
+                                          remat=args.remat, model=model,
+                                          params=j["params"], dtype=args.dtype,
+                                          device=j["device"]),
         loopjax=dict(tokens_per_s=round(j["tokens_per_s"], 1), step_s=round(j["step_s"], 2),
                      first_step_s=round(j["first_step_s"], 2),
                      model_flops_per_s=round(flops / j["step_s"] / 1e9, 2),

@@ -243,14 +243,14 @@ def _causal_attention_fwd(chunk, q, k, v, seg):
     for a, b in _blocks(T, chunk):
         s = _block_scores(_group_heads(q[:, a:b], Hk), kT[..., :b], _cols(seg, a, b),
                           _cols(seg, 0, b), a)
-        # Every query sees at least itself, so each row has a finite max. One exp per score: the
-        # output is normalized (M x Dh), not the probabilities (M x S).
+        # Every query sees at least itself, so each row has a finite max. One exp per score, and
+        # the probabilities are softmax's (`attention`'s, the sampler's) to the rounding: in bf16
+        # the sampler's log-probs are the learner's.
         m = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - m)
         l = jnp.sum(e, axis=-1, keepdims=True)
-        o = jnp.einsum("bkms,bksd->bkmd", e.astype(v.dtype), v_h[:, :, :b],
-                       preferred_element_type=e.dtype) / l
-        outs.append(_ungroup_heads(o.astype(v.dtype), b - a))
+        o = jnp.einsum("bkms,bksd->bkmd", (e / l).astype(v.dtype), v_h[:, :, :b])
+        outs.append(_ungroup_heads(o, b - a))
         lses.append(m + jnp.log(l))
     out = jnp.concatenate(outs, axis=1)
     return out, (q, k, v, seg, out, lses)
