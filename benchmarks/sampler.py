@@ -75,19 +75,22 @@ HF_CONFIG = getattr(transformers, MODELS[ARGS.model][0])(**MODELS[ARGS.model][1]
 HF = MODELS[ARGS.model][1]
 
 
+def _best_seconds(f, x, repeats):
+    """The fastest of `repeats` timed calls of a jitted f(x), after one to compile."""
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def memory_bandwidth(nbytes=1 << 29, repeats=3):
     """Bytes moved per second by a large copy (read + write): numpy's on a CPU, jax's on an
     accelerator."""
     if jax.default_backend() != "cpu":
-        src = jnp.ones(nbytes // 4, jnp.float32)
-        copy = jax.jit(lambda x: x + 1)
-        copy(src).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            copy(src).block_until_ready()
-            best = min(best, time.perf_counter() - t)
-        return 2 * nbytes / best
+        return 2 * nbytes / _best_seconds(jax.jit(lambda x: x + 1), jnp.ones(nbytes // 4), repeats)
     src = np.ones(nbytes // 8, np.float64)
     dst = np.empty_like(src)
     best = float("inf")
@@ -103,14 +106,7 @@ def matmul_flops(n=2048, repeats=3):
     in the benchmark's dtype on an accelerator)."""
     if jax.default_backend() != "cpu":
         a = jnp.ones((4 * n, 4 * n), ARGS.dtype)
-        mm = jax.jit(lambda a: a @ a)
-        mm(a).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            mm(a).block_until_ready()
-            best = min(best, time.perf_counter() - t)
-        return 2 * (4 * n) ** 3 / best
+        return 2 * (4 * n) ** 3 / _best_seconds(jax.jit(lambda a: a @ a), a, repeats)
     a = np.ones((n, n), np.float32)
     a @ a
     best = float("inf")
