@@ -248,10 +248,10 @@ def _causal_attention_fwd(chunk, q, k, v, seg):
         # the sampler's log-probs are the learner's.
         m = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - m)
-        l = jnp.sum(e, axis=-1, keepdims=True)
-        o = jnp.einsum("bkms,bksd->bkmd", (e / l).astype(v.dtype), v_h[:, :, :b])
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        o = jnp.einsum("bkms,bksd->bkmd", (e / total).astype(v.dtype), v_h[:, :, :b])
         outs.append(_ungroup_heads(o, b - a))
-        lses.append(m + jnp.log(l))
+        lses.append(m + jnp.log(total))
     out = jnp.concatenate(outs, axis=1)
     return out, (q, k, v, seg, out, lses)
 
@@ -478,7 +478,8 @@ def token_logprobs(config: ModelConfig, params, tokens_BxT, *, positions_BxT=Non
         targets_BxT = jnp.take_along_axis(targets_BxT, order_BxT, axis=1)
         chunks = -(-jnp.max(jnp.sum(need_BxT, axis=1)) // C)  # chunks >= this are skipped
     pad = n * C - T
-    h_NxBxCxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, -1).transpose(1, 0, 2, 3)
+    h_NxBxCxD = (jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+                 .reshape(B, n, C, -1).transpose(1, 0, 2, 3))
     tgt_NxBxC = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(B, n, C).transpose(1, 0, 2)
 
     w_DxV = unembedding(config, params)
