@@ -21,7 +21,7 @@ python -c "import jax; assert jax.default_backend() == 'gpu', jax.devices()" \
   || { echo "gpu.sh: JAX sees no GPU (pip install -U 'jax[cuda12]')" >&2; exit 1; }
 python -c "import torch; assert torch.cuda.is_available()" \
   || { echo "gpu.sh: torch sees no GPU" >&2; exit 1; }
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # each side runs in its own process; leave room
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # sampler.py holds JAX and torch in one process
 timeout 420 python benchmarks/update_step.py --model qwen2-0.5b --dtype bfloat16 --rollouts 4 \
   --steps 3 --repeats 1
 timeout 300 python benchmarks/sampler.py --model qwen2-0.5b --dtype bfloat16 --concurrency 32,64 \

@@ -2,7 +2,8 @@
 
 A ~100M-parameter Qwen2-style model (D=768, L=12, H=12, Hk=2, F=2048, V=32000, tied embeddings),
 or with `--model smollm2` SmolLM2-135M's shapes (Llama: D=576, L=30, H=9, Hk=3, F=1536,
-V=49152, tied), random weights, fp32 on both sides, the same thread count. Decode tokens/s at 1, 8 and 32
+V=49152, tied; `qwen2-0.5b` for a GPU), random weights, `--dtype` (fp32 by default) on both
+sides, the same thread count. Decode tokens/s at 1, 8 and 32
 concurrent sequences (temperature 1.0 sampling, no stop ids, fixed new-token count), prefill
 tokens/s, and how far decode is from the memory-bandwidth bound: bytes read per decode step
 (every weight once + the KV-cache prefix the step attends to) / the machine's copy bandwidth,
@@ -10,7 +11,8 @@ measured here with a large numpy copy; and the compute bound (2 x params FLOPs p
 numpy matmul's FLOP/s), which is what limits CPU decode at 32 sequences. Also decode with one step
 per call (a host round trip per token) against the fused on-device loop. Prints ONE JSON line.
 
-    python benchmarks/sampler.py [--quick] [--threads N] [--model qwen2-100m|smollm2]
+    python benchmarks/sampler.py [--quick] [--threads N] [--model qwen2-100m|smollm2|qwen2-0.5b]
+                                 [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -65,23 +67,22 @@ MODELS = {  # name -> (transformers config class, its arguments)
         num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
         tie_word_embeddings=True, max_position_embeddings=4096)),
 }
+HF_CONFIG = getattr(transformers, MODELS[ARGS.model][0])(**MODELS[ARGS.model][1])
+HF = MODELS[ARGS.model][1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _sync():
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-HF_CONFIG = getattr(transformers, MODELS[ARGS.model][0])(**MODELS[ARGS.model][1])
-HF = MODELS[ARGS.model][1]
 
 
-def _best_seconds(f, x, repeats):
-    """The fastest of `repeats` timed calls of a jitted f(x), after one to compile."""
-    f(x).block_until_ready()
+def _best_seconds(call, repeats):
+    """The fastest of `repeats` timed calls of call() (which returns when its work is done)."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        f(x).block_until_ready()
+        call()
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -90,31 +91,24 @@ def memory_bandwidth(nbytes=1 << 29, repeats=3):
     """Bytes moved per second by a large copy (read + write): numpy's on a CPU, jax's on an
     accelerator."""
     if jax.default_backend() != "cpu":
-        return 2 * nbytes / _best_seconds(jax.jit(lambda x: x + 1), jnp.ones(nbytes // 4), repeats)
+        src, copy = jnp.ones(nbytes // 4), jax.jit(lambda x: x + 1)
+        copy(src).block_until_ready()  # compile
+        return 2 * nbytes / _best_seconds(lambda: copy(src).block_until_ready(), repeats)
     src = np.ones(nbytes // 8, np.float64)
     dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+    return 2 * nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats)
 
 
 def matmul_flops(n=2048, repeats=3):
     """FLOP/s of a large matmul: the machine's practical compute peak (numpy fp32 on a CPU; jax
     in the benchmark's dtype on an accelerator)."""
     if jax.default_backend() != "cpu":
-        a = jnp.ones((4 * n, 4 * n), ARGS.dtype)
-        return 2 * (4 * n) ** 3 / _best_seconds(jax.jit(lambda a: a @ a), a, repeats)
+        a, mm = jnp.ones((4 * n, 4 * n), ARGS.dtype), jax.jit(lambda a: a @ a)
+        mm(a).block_until_ready()  # compile
+        return 2 * (4 * n) ** 3 / _best_seconds(lambda: mm(a).block_until_ready(), repeats)
     a = np.ones((n, n), np.float32)
     a @ a
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n ** 3 / _best_seconds(lambda: a @ a, repeats)
 
 
 def bench_loopjax(config, params, concurrency, P, N, steps):
