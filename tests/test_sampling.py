@@ -95,6 +95,30 @@ def test_logprobs_equal_learner_recompute_multi_turn(model, temperature):
     assert np.all(logps[is_out] < 0)
 
 
+def test_unrolled_layers_equal_the_layer_scan(model):
+    """The engine's two layer loops (unrolled over split weights, CPU's default; a scan over the
+    stacked ones, elsewhere) sample the same tokens with the same log-probs."""
+    config, params, lora, _, _ = model
+    runs, engines = {}, {}
+    for unroll in (True, False):
+        engines[unroll] = _engine(config, unroll_layers=unroll)
+        runs[unroll] = _run_episode(engines[unroll], params, lora, 2, jax.random.key(5),
+                                    _prompt(13, 3), [_prompt(6, 13)])
+    (tok_u, out_u, lp_u, _), (tok_s, out_s, lp_s, _) = runs[True], runs[False]
+    np.testing.assert_array_equal(tok_u, tok_s)
+    np.testing.assert_array_equal(out_u, out_s)
+    assert out_u.sum() >= 4
+    np.testing.assert_allclose(lp_u, lp_s, atol=1e-6)  # measured: equal
+    # New params (another adapter) on the same engine: its kept split is replaced, not reused.
+    other = lora.replace(weights=jax.tree.map(lambda x: -2.0 * x, lora.weights))
+    engines[True].free(2)
+    engines[True].reset_prefix_cache()
+    tokens, is_out, logps, _ = _run_episode(engines[True], params, other, 2, jax.random.key(5),
+                                            _prompt(13, 3), [_prompt(6, 13)])
+    ref = np.asarray(token_logprobs(config, params, jnp.asarray(tokens[None]), lora=other))[0]
+    np.testing.assert_allclose(logps[is_out], ref[is_out], atol=1e-5)
+
+
 def test_bf16_logprobs_close(model):
     """bf16 params and cache: the sampler's log-probs still track the learner's (figure in docs)."""
     config, params, lora, _, path = model
@@ -320,6 +344,12 @@ def test_sample_tokens_truncation_and_greedy():
     assert np.all(tok == 0) and np.allclose(logp, np.log(0.5))
     tok, _ = sample_tokens(logits, keys, jnp.ones(2000))
     np.testing.assert_allclose(np.bincount(tok, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+    # jax.random.categorical's draws, key for key (the same Gumbel noise, one argmax).
+    np.testing.assert_array_equal(tok, jax.vmap(jax.random.categorical)(keys, logits))
+    # Greedy ties go to the first maximum, as jnp.argmax's.
+    tied = jnp.array([[0.1, 0.7, 0.2, 0.7], [0.9, 0.9, 0.9, 0.1]])
+    tok, _ = sample_tokens(tied, keys[:2], jnp.zeros(2))
+    np.testing.assert_array_equal(tok, [1, 0])
 
 
 def test_memory_estimate_is_the_arithmetic(model):

@@ -341,10 +341,11 @@ def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cach
         cache_k = cache_k.at[(layer_idx, *where)].set(k.astype(cache_k.dtype), mode="drop")
         cache_v = cache_v.at[(layer_idx, *where)].set(v.astype(cache_v.dtype), mode="drop")
         new_kv = (cache_k, cache_v)
-        k, v = cache_k[layer_idx], cache_v[layer_idx]
-        if table_BxN is not None:  # this layer's pages of each row, in position order
-            k, v = (jnp.take(x, table_BxN, axis=0, mode="fill", fill_value=0)
-                    .reshape(B, -1, Hk, Dh) for x in (k, v))
+        if table_BxN is None:
+            k, v = cache_k[layer_idx], cache_v[layer_idx]
+        else:  # this layer's pages of each row, in position order: one gather from the pool
+            k, v = (x.at[layer_idx, table_BxN].get(mode="fill", fill_value=0)
+                    .reshape(B, -1, Hk, Dh) for x in (cache_k, cache_v))
     if kv_cache is None:
         attn = causal_attention(q, k, v, attend[0], config.attention_chunk, attend[1])
     else:
@@ -364,6 +365,31 @@ def _lora_parts(lora):
     if lora is None:
         return None, 1.0
     return lora.weights, lora.scale
+
+
+def unstack_layers(params, lora=None):
+    """(params, lora) with the layer-stacked weights split into tuples of per-layer trees.
+
+    `hidden_states` then runs the layers as a Python loop (unrolled) rather than a scan. XLA:CPU
+    copies a layer's slice out of a stacked weight every time a scan step reads it, which inside
+    a decode loop is every decoded token; split once before that loop, each layer's weights are
+    read in place (the sampler's decode on CPU). The split is itself one copy of the weights."""
+    def split(tree):
+        n = jax.tree.leaves(tree)[0].shape[0]
+        return tuple(jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n))
+    params = {**params, "layers": split(params["layers"])}
+    return params, (None if lora is None else lora.replace(weights=split(lora.weights)))
+
+
+def _over_layers(f, carry, xs):
+    """lax.scan(f, carry, xs) for layer-stacked xs; a Python loop over unstacked ones
+    (`unstack_layers`: xs = ((layers tuple, LoRA tuple or None), layer indices))."""
+    (layers, lora_layers), idx = xs
+    if not isinstance(layers, tuple):
+        return jax.lax.scan(f, carry, xs)[0]
+    for i, p in enumerate(layers):
+        carry, _ = f(carry, ((p, None if lora_layers is None else lora_layers[i]), i))
+    return carry
 
 
 def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None,
@@ -391,10 +417,10 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
 
     x_BxTxD = jnp.take(params["embed"], tokens_BxT, axis=0)
     lora_w, lora_scale = _lora_parts(lora)
-    lora_layers = None if lora_w is None else lora_w
+    layers = ((params["layers"], lora_w), jnp.arange(config.num_layers))
 
     def layer(x, xs):
-        p, lp = xs
+        (p, lp), _ = xs
         x, _ = block(config, x, p, lp, lora_scale, positions_BxT, attend, None)
         return x, None
 
@@ -408,11 +434,10 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
     if cache is None:
         if config.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-        x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, (params["layers"], lora_layers))
+        x_BxTxD = _over_layers(layer, x_BxTxD, layers)
         return rms_norm(x_BxTxD, params["final_norm"], config.rms_norm_eps), None
-    (x_BxTxD, ck, cv), _ = jax.lax.scan(
-        cached_layer, (x_BxTxD, cache.k_LxBxSxHkxDh, cache.v_LxBxSxHkxDh),
-        ((params["layers"], lora_layers), jnp.arange(config.num_layers)))
+    x_BxTxD, ck, cv = _over_layers(
+        cached_layer, (x_BxTxD, cache.k_LxBxSxHkxDh, cache.v_LxBxSxHkxDh), layers)
     h_BxTxD = rms_norm(x_BxTxD, params["final_norm"], config.rms_norm_eps)
     num_new_B = jnp.sum(segment_ids_BxT > 0, axis=1).astype(jnp.int32)
     return h_BxTxD, KVCache(ck, cv, cache.lengths_B + num_new_B, cache.page_table_BxN)

@@ -53,6 +53,13 @@ log2(pool growth) decode programs and log2(prefill_chunk) times that prefill pro
 the prompt lengths (compiled programs are shared by engines of the same config;
 `loopjax.sampling.engine.TRACES` counts the traces). The pool is donated.
 
+Layers: on CPU the prefill and decode programs run on the params split into per-layer arrays
+(`unstack_layers`), their layers unrolled; a layer scan would have XLA:CPU copy every layer's
+weights out of the stack at every decoded token. The engine makes the split when it is given
+params it has not split yet and keeps it while they are the same arrays: one more copy of the
+model in memory. Elsewhere, or with `unroll_layers=False`, the layers are a scan over the params
+as given: no copy, and a compile time that does not grow with depth.
+
 Randomness: every episode has its own key (given to `add` when the slot is free). The token at
 conversation position p (0-based, counting every prompt / reply / generated token of the episode)
 is drawn with `fold_in(episode_key, p)`. Draws therefore do not depend on which other slots are
@@ -79,7 +86,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loopjax.models.config import ModelConfig
-from loopjax.models.transformer import KVCache, acc_dtype, forward, hidden_states
+from loopjax.models.transformer import (KVCache, acc_dtype, forward, hidden_states,
+                                         unstack_layers)
 from loopjax.sampling.sample import sample_tokens
 
 STOP, MAX_NEW, CONTEXT_FULL = "stop", "max_new_tokens", "context_full"
@@ -117,7 +125,8 @@ class SamplingEngine:
     def __init__(self, config: ModelConfig, num_slots: int, max_len: int, *, mesh=None,
                  stop_ids=(), cache_dtype=None, prefill_chunk: int = 512, decode_steps: int = 32,
                  min_len_bucket: int = 64, top_k: int = 0, top_p: float = 1.0,
-                 share_prompts: bool = True, page_size: int = 32):
+                 share_prompts: bool = True, page_size: int = 32,
+                 unroll_layers: bool | None = None):
         if num_slots <= 0 or max_len <= 1:
             raise ValueError(f"num_slots ({num_slots}) must be >= 1 and max_len ({max_len}) >= 2")
         if prefill_chunk <= 0 or decode_steps <= 0 or page_size <= 0:
@@ -130,6 +139,11 @@ class SamplingEngine:
         self.page_size = _pow2(page_size)
         self.min_len_bucket = max(_pow2(min_len_bucket), self.page_size)
         self.top_k, self.top_p, self.share_prompts = top_k, top_p, share_prompts
+        if unroll_layers is None:  # XLA:CPU copies stacked weights' slices: unroll there (Layers)
+            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+            unroll_layers = platform == "cpu"
+        self.unroll_layers = bool(unroll_layers)
+        self._split = None  # (the params' and LoRA's leaves, their per-layer split) if unrolled
         # Prompt tokens put in the cache by a prefill, and those mapped from the prefix cache.
         self.prefill_tokens, self.prefill_shared_tokens = 0, 0
         self.stop_ids = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
@@ -475,11 +489,25 @@ class SamplingEngine:
         return finished
 
     def _prefill_call(self, params, lora, **kw):
+        params, lora = self._layers(params, lora)
         return _prefill_program(params, lora, config=self.config, **kw)
 
     def _decode_call(self, params, lora, **kw):
+        params, lora = self._layers(params, lora)
         return _decode_program(params, lora, config=self.config, top_k=self.top_k,
                                top_p=self.top_p, **kw)
+
+    def _layers(self, params, lora):
+        """The params the programs run on: as given, or (unroll_layers) split into
+        per-layer arrays, which the engine keeps while the params are the same arrays."""
+        if not self.unroll_layers:
+            return params, lora
+        leaves = jax.tree.leaves((params, lora))
+        if (self._split is None or len(self._split[0]) != len(leaves)
+                or any(a is not b for a, b in zip(self._split[0], leaves))):
+            self._split = None  # the old split's memory goes first
+            self._split = (leaves, *_unstack_program(params, lora))
+        return self._split[1], self._split[2]
 
 
 # ----------------------------------------------------------------------------- jitted programs
@@ -498,10 +526,15 @@ def _prefill_program(params, lora, *, config, k, v, table, tokens, seg, lengths)
     return cache.k_LxBxSxHkxDh, cache.v_LxBxSxHkxDh
 
 
+_unstack_program = jax.jit(unstack_layers)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "num_steps"),
                    donate_argnames=("k", "v"))
 def _decode_program(params, lora, *, config, top_k, top_p, k, v, table, tokens, lengths, keys,
                     temperature, budget, stop_ids, num_steps):
+    """`num_steps` decode steps (fewer once every row stopped); params stacked or split into
+    layers (`unstack_layers`, then the layers run unrolled)."""
     TRACES["decode"] += 1
     B = table.shape[0]
     episode_keys = jax.random.wrap_key_data(keys)

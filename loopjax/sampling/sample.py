@@ -39,6 +39,15 @@ def _truncate(scaled_BxV, top_k: int, top_p: float):
     return scaled_BxV
 
 
+def _argmax(x_BxV):
+    """jnp.argmax over the last axis (the first maximum) as a max and a min: two plain reductions,
+    which XLA:CPU vectorizes (its (value, index) pair reduction is several times slower)."""
+    V = x_BxV.shape[-1]
+    top_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+    first_B = jnp.min(jnp.where(x_BxV == top_Bx1, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(first_B, V - 1)  # NaN rows (no element equals their max): the last id
+
+
 def sample_tokens(logits_BxV, keys_B, temperature_B, *, top_k: int = 0, top_p: float = 1.0):
     """(tokens_B int32, logp_B fp32): one draw per row with its own key; T <= 0 is greedy.
     float64 logits (a float64 model under JAX's x64 mode) stay float64."""
@@ -48,7 +57,9 @@ def sample_tokens(logits_BxV, keys_B, temperature_B, *, top_k: int = 0, top_p: f
     t_B = jnp.where(greedy_B, 1.0, temperature_B).astype(acc)
     scaled_BxV = logits_BxV / t_B[:, None]
     scaled_BxV = _truncate(scaled_BxV, top_k, top_p)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV)
-    tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), drawn_B).astype(jnp.int32)
+    # jax.random.categorical's draw (argmax of logits + Gumbel noise), with one argmax for both
+    # the drawn and the greedy rows.
+    gumbel_BxV = jax.vmap(lambda k: jax.random.gumbel(k, scaled_BxV.shape[1:], acc))(keys_B)
+    tokens_B = _argmax(jnp.where(greedy_B[:, None], logits_BxV, scaled_BxV + gumbel_BxV))
     picked_B = jnp.take_along_axis(scaled_BxV, tokens_B[:, None], axis=-1)[:, 0]
     return tokens_B, picked_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
