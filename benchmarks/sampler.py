@@ -117,9 +117,10 @@ def bench_loopjax(config, params, concurrency, P, N, steps):
     engine = SamplingEngine(config, S, P + N + 1, decode_steps=steps, prefill_chunk=512)
     out = {}
     for n in concurrency:
-        for rep in range(2):  # rep 0 compiles, rep 1 is timed
-            # As each collection starts: rep 0's prompts leave the pool, so rep 1 runs on the
-            # pool (and so the programs) rep 0 compiled, not a grown one that compiles again.
+        # Reps 0 and 1 compile, rep 2 is timed: the pool grows during rep 0's decode, so rep 1's
+        # prefill meets a new pool size (a new program); from then on the shapes repeat. Each
+        # rep starts as a collection does, with the prefix cache reset (its pages freed).
+        for rep in range(3):
             engine.reset_prefix_cache()
             for s in range(n):
                 engine.free(s)
