@@ -2,6 +2,8 @@
 beside the measured peak).
 
 - weights: the params the forward pass uses (frozen base + trainable);
+- the sampler's copy: on CPU the sampling engine keeps the weights split per layer as well
+  (`SamplingEngine(unroll_layers=...)`), one more copy of them;
 - optimizer: the optimizer state of the trainable params;
 - KV cache: the sampler's page pool (loopjax.sampling.engine) as it starts, what one cached token
   takes, and the most the pool can grow to (every slot holding max_len positions: the whole
@@ -31,6 +33,7 @@ def tree_bytes(tree) -> int:
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     weights: int
+    sampler_copy: int
     optimizer: int
     cache_now: int
     cache_bound: int
@@ -39,12 +42,14 @@ class MemoryEstimate:
 
     @property
     def total_now(self) -> int:
-        return self.weights + self.optimizer + self.cache_now + self.activations
+        return (self.weights + self.sampler_copy + self.optimizer + self.cache_now
+                + self.activations)
 
     def describe(self, activations: str = "learner activations", when: str = "at the start") -> str:
         def gb(n):
             return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
-        return (f"weights {gb(self.weights)} + optimizer {gb(self.optimizer)} + KV cache "
+        copy = f" + the sampler's per-layer copy {gb(self.sampler_copy)}" if self.sampler_copy else ""
+        return (f"weights {gb(self.weights)}{copy} + optimizer {gb(self.optimizer)} + KV cache "
                 f"{gb(self.cache_now)} ({self.cache_per_token / 1024:.1f} KiB per token held; "
                 f"grows with the tokens held, at most {gb(self.cache_bound)}) + {activations} "
                 f"~{gb(self.activations)} = {gb(self.total_now)} {when}")
@@ -76,6 +81,7 @@ def estimate(engine, weights, optimizer=None, activations: int = 0) -> MemoryEst
     optimizer state (a pytree) and the learner's activations (`activation_bytes`)."""
     return MemoryEstimate(
         weights=tree_bytes(weights), optimizer=tree_bytes(optimizer),
+        sampler_copy=tree_bytes(weights) if engine.unroll_layers else 0,
         cache_now=engine.cache_bytes(),
         cache_bound=engine.pages_bytes(engine.max_pages),
         cache_per_token=engine.token_bytes(), activations=activations)

@@ -363,4 +363,8 @@ def test_memory_estimate_is_the_arithmetic(model):
     assert est.weights == sum(x.size * 4 for x in jax.tree.leaves((params, lora.weights)))
     assert est.cache_now == engine.num_pages * PAGE * per_token == SLOTS * 64 * per_token
     assert est.cache_bound == SLOTS * MAX_LEN * per_token  # 128 = 16 whole pages per slot
-    assert est.total_now == est.weights + est.cache_now and "KiB per token held" in est.describe()
+    assert engine.unroll_layers  # on CPU the engine keeps a per-layer copy of the weights too
+    assert est.sampler_copy == est.weights and "per-layer copy" in est.describe()
+    assert est.total_now == 2 * est.weights + est.cache_now and "KiB per token held" in est.describe()
+    scanned = memory.estimate(_engine(config, unroll_layers=False), (params, lora.weights))
+    assert scanned.sampler_copy == 0 and scanned.total_now == est.weights + est.cache_now
