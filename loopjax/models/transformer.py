@@ -373,7 +373,7 @@ def unstack_layers(params, lora=None):
     `hidden_states` then runs the layers as a Python loop (unrolled) rather than a scan. XLA:CPU
     copies a layer's slice out of a stacked weight every time a scan step reads it, which inside
     a decode loop is every decoded token; split once before that loop, each layer's weights are
-    read in place (the sampler's decode on CPU). The split is itself one copy of the weights."""
+    read in place (the sampler on CPU). The split is itself one copy of the weights."""
     def split(tree):
         n = jax.tree.leaves(tree)[0].shape[0]
         return tuple(jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n))

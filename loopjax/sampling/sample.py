@@ -40,8 +40,9 @@ def _truncate(scaled_BxV, top_k: int, top_p: float):
 
 
 def _argmax(x_BxV):
-    """jnp.argmax over the last axis (the first maximum) as a max and a min: two plain reductions,
-    which XLA:CPU vectorizes (its (value, index) pair reduction is several times slower)."""
+    """jnp.argmax over the last axis (the first maximum) as a max and a min: two plain reductions
+    in place of XLA:CPU's (value, index) pair reduction (4.1 against 4.9 ms over 32 x 32768 in
+    one measurement on a loaded machine)."""
     V = x_BxV.shape[-1]
     top_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
     first_B = jnp.min(jnp.where(x_BxV == top_Bx1, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
