@@ -79,9 +79,10 @@ def sampler_activation_bytes(config, rows: int, chunk: int, window: int) -> int:
 def estimate(engine, weights, optimizer=None, activations: int = 0) -> MemoryEstimate:
     """The estimate for a sampling engine, the weights (a pytree: base and trainable params), the
     optimizer state (a pytree) and the learner's activations (`activation_bytes`)."""
+    weight_bytes = tree_bytes(weights)
     return MemoryEstimate(
-        weights=tree_bytes(weights), optimizer=tree_bytes(optimizer),
-        sampler_copy=tree_bytes(weights) if engine.unroll_layers else 0,
+        weights=weight_bytes, optimizer=tree_bytes(optimizer),
+        sampler_copy=weight_bytes if engine.unroll_layers else 0,
         cache_now=engine.cache_bytes(),
         cache_bound=engine.pages_bytes(engine.max_pages),
         cache_per_token=engine.token_bytes(), activations=activations)

@@ -18,8 +18,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 # A collective on the fake devices waits for all 8 device threads; XLA:CPU aborts the process when
 # one is 40 s late (its default). Two test processes share the 2-core CI machine while others
-# compile, so a late thread is load, not a deadlock: allow 10 minutes (a real deadlock then still
-# ends, and pytest-timeout prints every thread's stack first).
+# compile, so a thread can be late under load alone (the likeliest reading of a CI abort that did
+# not reproduce here): allow 10 minutes. A real deadlock still ends, and pytest-timeout prints
+# every thread's stack first.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     " --xla_cpu_collective_call_terminate_timeout_seconds=600"

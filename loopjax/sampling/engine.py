@@ -7,8 +7,9 @@ page table[slot, p // page_size] at offset p % page_size. Pages are handed out a
 grows and returned when it ends; the pool starts at one short bucket per slot and doubles when
 it runs out, up to S x max_len positions (in whole pages: the reservation of a cache without
 pages), so at its peak it holds at most twice the pages in use.
-Params and LoRA are passed to every call and never copied, so the learner can update them between
-calls with no weight sync.
+Params and LoRA are passed to every call, so the learner can update them between calls with no
+weight sync; on CPU the engine also keeps them split per layer (Layers, below), remade whenever
+it is handed other arrays.
 
 Driving it (the environment loop):
 
