@@ -42,6 +42,23 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
+def warn_cached_cpu_collectives(mesh: Mesh) -> bool:
+    """Warns (and returns True) when JAX's persistent compilation cache is on for a mesh of several
+    CPU devices. XLA:CPU executables read back from that cache (jaxlib 0.10.2) run their
+    collectives out of order and can hang until XLA aborts the process (tests/conftest.py has the
+    measurements); unset JAX_COMPILATION_CACHE_DIR for such runs. TPU and GPU are not affected."""
+    on = (mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+          and bool(jax.config.jax_enable_compilation_cache)
+          and bool(jax.config.jax_compilation_cache_dir))
+    if on:
+        log.warning(
+            "the persistent compilation cache (%s) is on and the mesh spans %d CPU devices: XLA:CPU "
+            "programs read back from it can hang in their collectives; unset "
+            "JAX_COMPILATION_CACHE_DIR for this run", jax.config.jax_compilation_cache_dir,
+            mesh.devices.size)
+    return on
+
+
 def make_mesh(spec: str | tuple[int, ...] = "1,-1,1", devices=None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh from a spec like "1,-1,1" (-1 = all remaining devices).
 

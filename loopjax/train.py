@@ -38,7 +38,8 @@ from loopjax.policy import build_policy
 from loopjax.rollout import EpisodeLimits, Rollout, collect
 from loopjax.sampling import engine as sampling_engine
 from loopjax.sampling.engine import SamplingEngine
-from loopjax.sharding import initialize_distributed, make_mesh, microbatch_sharding
+from loopjax.sharding import (initialize_distributed, make_mesh, microbatch_sharding,
+                              warn_cached_cpu_collectives)
 from loopjax import warmstart
 
 log = logging.getLogger("loopjax")
@@ -75,6 +76,7 @@ def setup(config: TrainConfig) -> RunState:
     is_main = jax.process_index() == 0
     os.makedirs(c.run_dir, exist_ok=True)
     mesh = make_mesh(c.mesh)
+    warn_cached_cpu_collectives(mesh)
     key = jax.random.key(c.seed)
     demo = warmstart.scripted_agents(c.env, c.demo_careful, c.seed)
     train_tasks = list_tasks(c.env, c.train_split)

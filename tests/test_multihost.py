@@ -52,7 +52,9 @@ def _launch(run_dir, processes: int, devices: int, *extra):
     port, procs = _free_port(), []
     for p in range(processes):
         # XLA's CPU backend at optimization level 0 compiles twice as fast; both sides use it.
+        # No persistent compile cache: these programs span several CPU devices (conftest.py).
         env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+                   JAX_ENABLE_COMPILATION_CACHE="false",
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                              "--xla_backend_optimization_level=0",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -173,3 +173,28 @@ def test_sgd_step_is_the_reference_gradient(monkeypatch, path):
     np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
     kept = (np.abs(ADV) >= MIN_ABS) & ((ADV > 0) | (not positive))
     assert bool(metrics["applied"]) and metrics["num_rollouts"] == kept.sum()
+
+
+def test_multi_device_programs_are_never_read_from_the_compile_cache():
+    """conftest's cache policy. An XLA:CPU executable read back from the persistent cache runs its
+    collectives out of order (the 2x2x2 update step hung in 7 runs of 8), so programs over several
+    devices compile afresh; single-device ones are still read from the cache."""
+    mesh = make_mesh("2,2,2")
+    x = jax.device_put(np.arange(64.0, dtype=np.float32).reshape(8, 8),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "fsdp")))
+    hits = []  # from here on, only the compiles below
+    jax.monitoring.register_event_listener(
+        lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None)
+    for _ in range(2):  # a new function object each time: no in-memory hit, the cache is asked
+        jax.jit(lambda x: jnp.sum(jnp.sin(x) * 1.25)).lower(x).compile()
+    assert not hits
+    for _ in range(2):
+        jax.jit(lambda x: jnp.sum(jnp.sin(x) * 1.25)).lower(np.arange(64, dtype=np.float32)).compile()
+    assert hits  # the second compile (at least) is read from the cache
+
+
+def test_the_main_job_warns_of_a_cached_multi_device_cpu_mesh(caplog):
+    from loopjax.sharding import warn_cached_cpu_collectives  # noqa: PLC0415
+    assert jax.config.jax_compilation_cache_dir  # conftest's cache is on here
+    assert warn_cached_cpu_collectives(make_mesh("2,2,2")) and "hang" in caplog.text
+    assert not warn_cached_cpu_collectives(make_mesh("1,1,1", devices=jax.devices()[:1]))
