@@ -1,12 +1,13 @@
 """The learner's hand-written backward passes against plain autodiff, in float64.
 
-`loopjax.models.transformer` writes three backward passes itself, for speed: blocked (flash)
-attention, the LoRA delta, and the log-probs under a frozen unembedding. Here the same model is
+`loopjax.models.transformer` writes four backward passes itself, for speed: blocked (flash)
+attention, the LoRA delta, the log-probs under a frozen unembedding and RMSNorm. Here the same model is
 written out plainly (dense masked attention, `x @ A @ B`, a full log-softmax), differentiated by
 `jax.grad`, and compared in float64 (x64 mode), where rounding is ~1e-15 and any mistake shows.
 Both sides run jitted (one compile each, not one per eager op).
-The building blocks the reference shares with the model (RMSNorm, RoPE, the masked `attention`
-of the KV-cache path) are checked against transformers in test_models.py.
+The reference's RMSNorm is plain. The building blocks
+the reference shares with the model (RoPE, the masked `attention` of the KV-cache path) are
+checked against transformers in test_models.py.
 """
 
 import jax
@@ -19,6 +20,13 @@ from loopjax.models.config import ModelConfig
 from loopjax.models.lora import LoraConfig, LoRA, init_lora
 
 TEMPERATURE = 0.7
+
+
+def _plain_rms_norm(x, scale, eps):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale.reshape(
+        (1,) * (x.ndim - 1) + (-1,))
+
+
 SEGMENTS = np.array([[1] * 8 + [2] * 9 + [0] * 2, [1] * 19])  # two packed sequences + padding; one
 POSITIONS = np.array([list(range(8)) + list(range(9)) + [0, 0], list(range(19))])
 VARIANTS = {  # Qwen2 (bias, tied), Qwen3 (q/k norm), Llama (untied)
@@ -67,19 +75,19 @@ def reference_logprobs(config, params, lora_weights, lora_scale, tokens, segment
     for layer in range(config.num_layers):
         p = jax.tree.map(lambda a: a[layer], params["layers"])
         lp = jax.tree.map(lambda a: a[layer], lora_weights)
-        h = tf.rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+        h = _plain_rms_norm(x, p["attn_norm"], config.rms_norm_eps)
         q = linear(h, p, lp, "q_proj").reshape(B, T, H, Dh)
         k = linear(h, p, lp, "k_proj").reshape(B, T, Hk, Dh)
         v = linear(h, p, lp, "v_proj").reshape(B, T, Hk, Dh)
         if config.qk_norm:
-            q = tf.rms_norm(q, p["q_norm"], config.rms_norm_eps)
-            k = tf.rms_norm(k, p["k_norm"], config.rms_norm_eps)
+            q = _plain_rms_norm(q, p["q_norm"], config.rms_norm_eps)
+            k = _plain_rms_norm(k, p["k_norm"], config.rms_norm_eps)
         q, k = tf.apply_rope(q, positions, inv_freq), tf.apply_rope(k, positions, inv_freq)
         x = x + linear(tf.attention(q, k, v, mask), p, lp, "o_proj")
-        h = tf.rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+        h = _plain_rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
         x = x + linear(jax.nn.silu(linear(h, p, lp, "gate_proj")) * linear(h, p, lp, "up_proj"),
                        p, lp, "down_proj")
-    x = tf.rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    x = _plain_rms_norm(x, params["final_norm"], config.rms_norm_eps)
     w = params["embed"].T if config.tie_embeddings else params["unembed"]
     logp = jax.nn.log_softmax(x @ w / TEMPERATURE, axis=-1)
     nxt = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]

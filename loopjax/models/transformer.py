@@ -95,12 +95,37 @@ def acc_dtype(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x, scale, eps):
+    """x / sqrt(mean(x^2) + eps) * scale over the last axis, in fp32 (float64 for float64)."""
+    return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_fwd(x, scale, eps):
     acc = acc_dtype(x.dtype)
     x32 = x.astype(acc)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    scale = scale.astype(acc).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (x32 * scale).astype(x.dtype)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    s = scale.astype(acc).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * r * s).astype(x.dtype), (x, scale, r)
+
+
+def _rms_norm_bwd(eps, residuals, dy):
+    """With n = x r and g = dy * scale: dx = r (g - n mean(g n)), dscale = sum over rows of dy n.
+    The row and column sums are einsums: XLA:CPU's fused multiply-then-reduce for them (what
+    autodiff of the forward gives) took 6.8 ms for dx and 23.7 ms for both at 2048 x 768, against
+    1.3 and 1.9 ms as einsums."""
+    x, scale, r = residuals
+    acc = acc_dtype(x.dtype)
+    hi = jax.lax.Precision.HIGHEST  # fp32 sums on TPU too (its default would round to bf16)
+    n = x.astype(acc) * r
+    dy = dy.astype(acc)
+    g = dy * scale.astype(acc).reshape((1,) * (x.ndim - 1) + (-1,))
+    mean_gn = jnp.einsum("...d,...d->...", g, n, precision=hi)[..., None] / x.shape[-1]
+    dscale = jnp.einsum("...d,...d->d", dy, n, precision=hi)
+    return (r * (g - n * mean_gn)).astype(x.dtype), dscale.astype(scale.dtype).reshape(scale.shape)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def rope_inv_freq(config: ModelConfig) -> jax.Array:
