@@ -44,9 +44,10 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 
 def warn_cached_cpu_collectives(mesh: Mesh) -> bool:
     """Warns (and returns True) when JAX's persistent compilation cache is on for a mesh of several
-    CPU devices. XLA:CPU executables read back from that cache (jaxlib 0.10.2) run their
-    collectives out of order and can hang until XLA aborts the process (tests/conftest.py has the
-    measurements); unset JAX_COMPILATION_CACHE_DIR for such runs. TPU and GPU are not affected."""
+    CPU devices. XLA:CPU executables read back from that cache (jaxlib 0.10.2) do not keep their
+    collectives in one order across devices and can hang until XLA aborts the process
+    (tests/conftest.py has the measurements); unset JAX_COMPILATION_CACHE_DIR for such runs. Only
+    XLA:CPU was seen to do this."""
     on = (mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
           and bool(jax.config.jax_enable_compilation_cache)
           and bool(jax.config.jax_compilation_cache_dir))

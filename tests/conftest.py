@@ -35,12 +35,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def _cache_single_device_programs_only():
     """Programs over several CPU devices compile afresh instead of being read from the cache.
 
-    XLA:CPU runs a program's thunks in dataflow order, and orders its collectives among themselves
-    so that every device meets them in one order. An executable read back from the persistent cache
-    (jaxlib 0.10.2) runs its collectives out of that order: the 2x2x2 update step of
+    XLA:CPU runs a program's thunks in dataflow order, and its thunk emitter gives all collectives
+    one shared resource so that every device meets them in one order. An executable read back
+    from the persistent cache (jaxlib 0.10.2) does not keep that order: the 2x2x2 update step of
     test_update_gradient, read back from the cache, hung in 7 runs out of 8 with devices waiting
     in different collectives (an all-reduce inside the layer loop against one outside it), and in
-    0 out of 16 compiled afresh. That hang, ended by XLA after its collective timeout, was CI's
+    none of 16 runs compiled afresh. That hang, ended by XLA after its collective timeout, was CI's
     SIGABRT. Single-device programs have no collectives and are still cached.
     """
     compile_or_get_cached = _compiler.compile_or_get_cached
