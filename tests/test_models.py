@@ -12,7 +12,8 @@ from hf_fixtures import FAMILIES, hf_logits, make_checkpoint
 from loopjax.models.config import ModelConfig
 from loopjax.models.hf_io import load_hf_checkpoint, save_hf_checkpoint
 from loopjax.models.lora import LoraConfig, init_lora, merge_lora
-from loopjax.models.transformer import KVCache, forward, init_cache, init_params, token_logprobs
+from loopjax.models.transformer import (FEW_ROWS, KVCache, forward, init_cache, init_params,
+                                         matmul_t, sampler_layout, token_logprobs)
 from loopjax.sharding import batch_sharding, make_mesh, param_shardings
 
 TOL = 1e-4
@@ -134,6 +135,30 @@ def test_kv_cache_matches_full_forward(checkpoint, paged):
     np.testing.assert_array_equal(cache.lengths_B, [12, 7])
     if paged:
         assert cache.max_len == 16 and not np.any(np.asarray(cache.k_LxBxSxHkxDh[:, 4]))
+
+
+@pytest.mark.parametrize("rows", [1, FEW_ROWS, FEW_ROWS + 1])
+def test_matmul_t_is_x_times_w_transposed(rows):
+    """matmul_t on few rows (computed as the transposed product) and on more rows is x W^T."""
+    rng = np.random.default_rng(rows)
+    x, w = rng.normal(size=(rows, 1, 24)), rng.normal(size=(40, 24))
+    got = matmul_t(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_layout_equals_stacked_params(checkpoint):
+    """The sampler's CPU layout (layers split, fp32 kernels transposed) gives the stacked params'
+    logits, on few rows and on more; bf16 kernels stay as they are."""
+    _, path, _ = checkpoint
+    config, params = load_hf_checkpoint(path)
+    layout, _ = sampler_layout(params)
+    assert "kernel_t" in layout["layers"][0]["q_proj"] and "kernel" not in layout["layers"][0]["q_proj"]
+    for shape in [(2, 12), (3, 12)]:  # 24 rows (<= FEW_ROWS) and 36
+        tokens = jnp.asarray(_tokens(shape))
+        np.testing.assert_allclose(forward(config, layout, tokens), forward(config, params, tokens),
+                                   atol=TOL)
+    _, params16 = load_hf_checkpoint(path, dtype="bfloat16")
+    assert "kernel" in sampler_layout(params16)[0]["layers"][0]["q_proj"]
 
 
 def test_sharded_forward_equals_single_device(checkpoint):

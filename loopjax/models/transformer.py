@@ -155,14 +155,37 @@ def apply_rope(x_BxTxNxDh, positions_BxT, inv_freq):
 
 
 def linear(x, p, name, lora_p, lora_scale):
-    """y = x W (+ b) (+ scale * x A B): the LoRA path never materializes W + AB."""
-    y = jnp.einsum("btd,df->btf", x, p[name]["kernel"])
+    """y = x W (+ b) (+ scale * x A B): the LoRA path never materializes W + AB. W is
+    p[name]["kernel"] (D x F), or p[name]["kernel_t"] (F x D, the sampler's CPU layout:
+    `sampler_layout`)."""
+    if "kernel_t" in p[name]:
+        y = matmul_t(x, p[name]["kernel_t"])
+    else:
+        y = jnp.einsum("btd,df->btf", x, p[name]["kernel"])
     if "bias" in p[name]:
         y = y + p[name]["bias"][None, None]
     if lora_p is not None and name in lora_p:
         a, b = lora_p[name]["a"], lora_p[name]["b"]
         y = y + _lora_delta(lora_scale, x, a.astype(x.dtype), b.astype(x.dtype)).astype(y.dtype)
     return y
+
+
+# Up to this many rows, XLA:CPU multiplies an F x D matrix fastest as the transposed product.
+FEW_ROWS = 32
+
+
+def matmul_t(x_BxTxD, w_FxD, preferred_element_type=None):
+    """x W^T, B x T x F, for W stored F x D (a transposed kernel, or an embedding).
+
+    On few rows (a decode step's B x 1, B <= FEW_ROWS) it is computed as (W x^T)^T: XLA:CPU's dot
+    with the F x D matrix on the left runs 1.1-1.9x faster there than x W^T or x W with W stored
+    D x F (docs/performance.md, "The sampler's kernels"). On more rows, as x W^T, which is as fast
+    as x W. The forms differ only in the order of rounding."""
+    B, T, _ = x_BxTxD.shape
+    if B * T <= FEW_ROWS:
+        return jnp.einsum("fd,btd->fbt", w_FxD, x_BxTxD,
+                          preferred_element_type=preferred_element_type).transpose(1, 2, 0)
+    return jnp.einsum("btd,fd->btf", x_BxTxD, w_FxD, preferred_element_type=preferred_element_type)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -391,23 +414,35 @@ def _lora_parts(lora):
     return lora.weights, lora.scale
 
 
-def unstack_layers(params, lora=None):
-    """(params, lora) with the layer-stacked weights split into tuples of per-layer trees.
+def sampler_layout(params, lora=None):
+    """(params, lora) in the sampler's CPU layout: the layer-stacked weights split into tuples of
+    per-layer trees, and each fp32 (or float64) projection kernel stored transposed ("kernel_t",
+    F x D).
 
-    `hidden_states` then runs the layers as a Python loop (unrolled) rather than a scan. XLA:CPU
-    copies a layer's slice out of a stacked weight every time a scan step reads it, which inside
-    a decode loop is every decoded token; split once before that loop, each layer's weights are
-    read in place (the sampler on CPU). The split is itself one copy of the weights."""
+    Split: `hidden_states` then runs the layers as a Python loop (unrolled) rather than a scan.
+    XLA:CPU copies a layer's slice out of a stacked weight every time a scan step reads it, which
+    inside a decode loop is every decoded token; split once before that loop, each layer's weights
+    are read in place. Transposed: a decode step's few rows multiply an F x D kernel faster
+    (`matmul_t`). bf16 kernels stay D x F: a bf16 product is rounded to bf16, and the sampler's
+    log-probs are the learner's (4.8e-7) only while both run the same dot (transposed: 8.9e-4
+    apart, `tests/test_sampling.py -k bf16`). The layout is one copy of the weights (split and
+    transposed in the same copy)."""
     def split(tree):
         n = jax.tree.leaves(tree)[0].shape[0]
         return tuple(jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n))
-    params = {**params, "layers": split(params["layers"])}
+
+    def transposed(layer):
+        return {name: ({"kernel_t": w["kernel"].T, **{k: v for k, v in w.items() if k != "kernel"}}
+                       if isinstance(w, dict) and "kernel" in w
+                       and w["kernel"].dtype in (jnp.float32, jnp.float64) else w)
+                for name, w in layer.items()}
+    params = {**params, "layers": tuple(transposed(p) for p in split(params["layers"]))}
     return params, (None if lora is None else lora.replace(weights=split(lora.weights)))
 
 
 def _over_layers(f, carry, xs):
     """lax.scan(f, carry, xs) for layer-stacked xs; a Python loop over unstacked ones
-    (`unstack_layers`: xs = ((layers tuple, LoRA tuple or None), layer indices))."""
+    (`sampler_layout`: xs = ((layers tuple, LoRA tuple or None), layer indices))."""
     (layers, lora_layers), idx = xs
     if not isinstance(layers, tuple):
         return jax.lax.scan(f, carry, xs)[0]
@@ -473,6 +508,9 @@ def hidden_states(config: ModelConfig, params, tokens_BxT, *, positions_BxT=None
 
 def unembed(config: ModelConfig, params, h_BxTxD):
     """fp32 logits; the matmul accumulates in fp32 without upcasting bf16 weights in memory."""
+    if config.tie_embeddings:  # the embedding is the unembedding stored V x D
+        return matmul_t(h_BxTxD, params["embed"].astype(h_BxTxD.dtype),
+                        preferred_element_type=acc_dtype(h_BxTxD.dtype))
     return _logits(unembedding(config, params), h_BxTxD)
 
 

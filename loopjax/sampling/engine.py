@@ -54,12 +54,14 @@ log2(pool growth) decode programs and log2(prefill_chunk) times that prefill pro
 the prompt lengths (compiled programs are shared by engines of the same config;
 `loopjax.sampling.engine.TRACES` counts the traces). The pool is donated.
 
-Layers: on CPU the prefill and decode programs run on the params split into per-layer arrays
-(`unstack_layers`), their layers unrolled; a layer scan would have XLA:CPU copy every layer's
-weights out of the stack at every decoded token. The engine makes the split when it is given
-params it has not split yet and keeps it while they are the same arrays: one more copy of the
-model in memory. Elsewhere, or with `unroll_layers=False`, the layers are a scan over the params
-as given: no copy, and a compile time that does not grow with depth.
+Layers: on CPU the prefill and decode programs run on the params in the sampler's layout
+(`sampler_layout`): split into per-layer arrays, their layers unrolled (a layer scan would have
+XLA:CPU copy every layer's weights out of the stack at every decoded token), and each kernel
+stored transposed, F x D (XLA:CPU multiplies a decode step's few rows by it 1.1-1.9x faster,
+`matmul_t`). The engine makes that copy when it is given params it has not laid out yet and keeps
+it while they are the same arrays: one more copy of the model in memory. Elsewhere, or with
+`unroll_layers=False`, the layers are a scan over the params as given: no copy, and a compile
+time that does not grow with depth.
 
 Randomness: every episode has its own key (given to `add` when the slot is free). The token at
 conversation position p (0-based, counting every prompt / reply / generated token of the episode)
@@ -70,9 +72,11 @@ differ in the last float bits between batch shapes, so a near-tie can still flip
 Log-probs: `logps[i]` = log_softmax(logits / T)[ids[i]] for the row's temperature T, the quantity
 `token_logprobs(config, params, conversation, lora=lora, temperature=T)` recomputes (see
 loopjax.sampling.sample for greedy and top-k / top-p). Measured difference to that full-forward
-recompute over a 4-turn conversation with LoRA active (tests/test_sampling.py, CPU): 4.8e-7 with
-fp32 params; 4.8e-7 with bf16 params and bf16 cache too (both paths round the same bf16 k/v and
-XLA:CPU accumulates bf16 dots in fp32; GPU/TPU kernels may differ by more).
+recompute over a 4-turn conversation with LoRA active (tests/test_sampling.py, CPU): 4.8e-7 and
+1.4e-6 with fp32 params (temperature 0.7 and 1; the decode's transposed kernels sum in another
+order); 9.5e-7 with bf16 params and bf16 cache (both paths run the same bf16 projections and
+round the same bf16 k/v, and XLA:CPU accumulates bf16 dots in fp32; GPU/TPU kernels may differ
+by more).
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loopjax.models.config import ModelConfig
 from loopjax.models.transformer import (KVCache, acc_dtype, forward, hidden_states,
-                                         unstack_layers)
+                                         sampler_layout)
 from loopjax.sampling.sample import sample_tokens
 
 STOP, MAX_NEW, CONTEXT_FULL = "stop", "max_new_tokens", "context_full"
@@ -499,15 +503,15 @@ class SamplingEngine:
                                top_p=self.top_p, **kw)
 
     def _layers(self, params, lora):
-        """The params the programs run on: as given, or (unroll_layers) split into
-        per-layer arrays, which the engine keeps while the params are the same arrays."""
+        """The params the programs run on: as given, or (unroll_layers) in the sampler's layout,
+        which the engine keeps while the params are the same arrays."""
         if not self.unroll_layers:
             return params, lora
         leaves = jax.tree.leaves((params, lora))
         if (self._split is None or len(self._split[0]) != len(leaves)
                 or any(a is not b for a, b in zip(self._split[0], leaves))):
             self._split = None  # the old split's memory goes first
-            self._split = (leaves, *_unstack_program(params, lora))
+            self._split = (leaves, *_layout_program(params, lora))
         return self._split[1], self._split[2]
 
 
@@ -527,7 +531,7 @@ def _prefill_program(params, lora, *, config, k, v, table, tokens, seg, lengths)
     return cache.k_LxBxSxHkxDh, cache.v_LxBxSxHkxDh
 
 
-_unstack_program = jax.jit(unstack_layers)
+_layout_program = jax.jit(sampler_layout)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "top_k", "top_p", "num_steps"),
@@ -535,7 +539,7 @@ _unstack_program = jax.jit(unstack_layers)
 def _decode_program(params, lora, *, config, top_k, top_p, k, v, table, tokens, lengths, keys,
                     temperature, budget, stop_ids, num_steps):
     """`num_steps` decode steps (fewer once every row stopped); params stacked or split into
-    layers (`unstack_layers`, then the layers run unrolled)."""
+    layers (`sampler_layout`, then the layers run unrolled)."""
     TRACES["decode"] += 1
     B = table.shape[0]
     episode_keys = jax.random.wrap_key_data(keys)
