@@ -8,8 +8,10 @@ concurrent sequences (temperature 1.0 sampling, no stop ids, fixed new-token cou
 tokens/s, and how far decode is from the memory-bandwidth bound: bytes read per decode step
 (every weight once + the KV-cache prefix the step attends to) / the machine's copy bandwidth,
 measured here with a large numpy copy; and the compute bound (2 x params FLOPs per token / a large
-numpy matmul's FLOP/s), which is what limits CPU decode at 32 sequences. Also decode with one step
-per call (a host round trip per token) against the fused on-device loop. Prints ONE JSON line.
+numpy matmul's FLOP/s), which is what limits CPU decode at 32 sequences; and each side's rate for
+one D -> F projection on that many rows, alone (`projection_GFLOPs`: the kernels under both
+decodes). Also decode with one step per call (a host round trip per token) against the fused
+on-device loop. Prints ONE JSON line.
 
     python benchmarks/sampler.py [--quick] [--threads N] [--model qwen2-100m|smollm2|qwen2-0.5b]
                                  [--dtype float32|bfloat16]
@@ -50,7 +52,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from loopjax.models.config import ModelConfig  # noqa: E402
-from loopjax.models.transformer import init_params  # noqa: E402
+from loopjax.models.transformer import init_params, matmul_t  # noqa: E402
 from loopjax.sampling import SamplingEngine  # noqa: E402
 
 MODELS = {  # name -> (transformers config class, its arguments)
@@ -109,6 +111,26 @@ def matmul_flops(n=2048, repeats=3):
     a = np.ones((n, n), np.float32)
     a @ a
     return 2 * n ** 3 / _best_seconds(lambda: a @ a, repeats)
+
+
+def row_matmul_rates(D, F, rows, repeats=20):
+    """GFLOP/s of a decode step's D -> F projection on `rows` rows, alone, in each side's form:
+    loopjax's on CPU in fp32 (the kernel stored F x D, `matmul_t`; x W elsewhere) and torch's
+    `F.linear` (x W^T, W stored F x D). What the sides' decode at that many sequences is built on."""
+    x, flops = jnp.ones((rows, 1, D), ARGS.dtype), 2 * rows * D * F
+    if jax.default_backend() == "cpu" and ARGS.dtype == "float32":
+        mm, w = jax.jit(matmul_t), jnp.ones((F, D), ARGS.dtype)
+    else:
+        mm, w = jax.jit(lambda x, w: jnp.einsum("btd,df->btf", x, w)), jnp.ones((D, F), ARGS.dtype)
+    mm(x, w).block_until_ready()
+    ours = _best_seconds(lambda: mm(x, w).block_until_ready(), repeats)
+    xt = torch.ones(rows, D, dtype=getattr(torch, ARGS.dtype), device=DEVICE)
+    wt = torch.ones(F, D, dtype=xt.dtype, device=DEVICE)
+    with torch.no_grad():
+        torch.nn.functional.linear(xt, wt)
+        _sync()
+        peer = _best_seconds(lambda: (torch.nn.functional.linear(xt, wt), _sync()), repeats)
+    return dict(loopjax=round(flops / ours / 1e9, 1), torch=round(flops / peer / 1e9, 1))
 
 
 def bench_loopjax(config, params, concurrency, P, N, steps):
@@ -177,6 +199,8 @@ def main():
     params = init_params(config, jax.random.key(0))
 
     bw, flops = memory_bandwidth(), matmul_flops()
+    rows = max(concurrency)
+    row_rates = row_matmul_rates(config.hidden_size, config.intermediate_size, rows)
     # Interleaved per concurrency (ours, then the peer), so a change in machine load between the
     # two sides skews one pair of numbers rather than the whole comparison.
     ours, peer, unfused = {}, {}, {}
@@ -196,7 +220,10 @@ def main():
                    L=config.num_layers, H=config.num_heads, Hk=config.num_kv_heads,
                    F=config.intermediate_size, V=config.vocab_size, dtype=ARGS.dtype),
         prompt_len=P, new_tokens=N, decode_steps_per_call=steps,
-        memory_bandwidth_GBps=round(bw / 1e9, 2), matmul_GFLOPs=round(flops / 1e9, 1), jax=jax.__version__, torch=torch.__version__,
+        memory_bandwidth_GBps=round(bw / 1e9, 2), matmul_GFLOPs=round(flops / 1e9, 1),
+        projection_GFLOPs=dict(rows=rows, D=config.hidden_size, F=config.intermediate_size,
+                               **row_rates),
+        jax=jax.__version__, torch=torch.__version__,
         transformers=transformers.__version__, devices=str(jax.devices()[0].platform))
     for n in concurrency:
         step_bytes = weight_bytes + n * kv_bytes_per_row
