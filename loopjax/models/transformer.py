@@ -424,8 +424,8 @@ def sampler_layout(params, lora=None):
     inside a decode loop is every decoded token; split once before that loop, each layer's weights
     are read in place. Transposed: a decode step's few rows multiply an F x D kernel faster
     (`matmul_t`). bf16 kernels stay D x F: a bf16 product is rounded to bf16, and the sampler's
-    log-probs are the learner's (4.8e-7) only while both run the same dot (transposed: 8.9e-4
-    apart, `tests/test_sampling.py -k bf16`). The layout is one copy of the weights (split and
+    bf16 log-probs are the learner's (9.5e-7 apart) only while both run the same dot (transposed:
+    8.9e-4 apart, `tests/test_sampling.py -k bf16`). The layout is one copy of the weights (split and
     transposed in the same copy)."""
     def split(tree):
         n = jax.tree.leaves(tree)[0].shape[0]
