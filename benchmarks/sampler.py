@@ -116,7 +116,8 @@ def matmul_flops(n=2048, repeats=3):
 def row_matmul_rates(D, F, rows, repeats=20):
     """GFLOP/s of a decode step's D -> F projection on `rows` rows, alone, in each side's form:
     loopjax's on CPU in fp32 (the kernel stored F x D, `matmul_t`; x W elsewhere) and torch's
-    `F.linear` (x W^T, W stored F x D). What the sides' decode at that many sequences is built on."""
+    `F.linear` (x W^T, W stored F x D). What the sides' decode at that many sequences is built
+    on."""
     x, flops = jnp.ones((rows, 1, D), ARGS.dtype), 2 * rows * D * F
     if jax.default_backend() == "cpu" and ARGS.dtype == "float32":
         mm, w = jax.jit(matmul_t), jnp.ones((F, D), ARGS.dtype)

@@ -152,7 +152,8 @@ def test_sampler_layout_equals_stacked_params(checkpoint):
     _, path, _ = checkpoint
     config, params = load_hf_checkpoint(path)
     layout, _ = sampler_layout(params)
-    assert "kernel_t" in layout["layers"][0]["q_proj"] and "kernel" not in layout["layers"][0]["q_proj"]
+    q_proj = layout["layers"][0]["q_proj"]
+    assert "kernel_t" in q_proj and "kernel" not in q_proj
     for shape in [(2, 12), (3, 12)]:  # 24 rows (<= FEW_ROWS) and 36
         tokens = jnp.asarray(_tokens(shape))
         np.testing.assert_allclose(forward(config, layout, tokens), forward(config, params, tokens),

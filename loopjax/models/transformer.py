@@ -179,7 +179,7 @@ def matmul_t(x_BxTxD, w_FxD, preferred_element_type=None):
 
     On few rows (a decode step's B x 1, B <= FEW_ROWS) it is computed as (W x^T)^T: XLA:CPU's dot
     with the F x D matrix on the left runs 1.1-1.9x faster there than x W^T or x W with W stored
-    D x F (docs/performance.md, "The sampler's kernels"). On more rows, as x W^T, which is as fast
+    D x F (docs/performance.md, "Another machine, and the sampler's kernels"). On more rows, as x W^T, which is as fast
     as x W. The forms differ only in the order of rounding."""
     B, T, _ = x_BxTxD.shape
     if B * T <= FEW_ROWS:
@@ -437,18 +437,21 @@ def sampler_layout(params, lora=None):
     are read in place. Transposed: a decode step's few rows multiply an F x D kernel faster
     (`matmul_t`). bf16 kernels stay D x F: a bf16 product is rounded to bf16, and the sampler's
     bf16 log-probs are the learner's (9.5e-7 apart) only while both run the same dot (transposed:
-    8.9e-4 apart, `tests/test_sampling.py -k bf16`). The layout is one copy of the weights (split and
-    transposed in the same copy)."""
+    8.9e-4 apart, `tests/test_sampling.py -k bf16`). The layout is one copy of the weights (split
+    and transposed in the same copy)."""
     def split(tree):
         n = jax.tree.leaves(tree)[0].shape[0]
         return tuple(jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n))
 
-    def transposed(layer):
-        return {name: ({"kernel_t": w["kernel"].T, **{k: v for k, v in w.items() if k != "kernel"}}
-                       if isinstance(w, dict) and "kernel" in w
-                       and w["kernel"].dtype in (jnp.float32, jnp.float64) else w)
-                for name, w in layer.items()}
-    params = {**params, "layers": tuple(transposed(p) for p in split(params["layers"]))}
+    def transposed(w):  # one projection's {"kernel", "bias"?}; norms' scales pass through
+        if not (isinstance(w, dict) and "kernel" in w
+                and w["kernel"].dtype in (jnp.float32, jnp.float64)):
+            return w
+        rest = {k: v for k, v in w.items() if k != "kernel"}
+        return {"kernel_t": w["kernel"].T, **rest}
+    layers = tuple({name: transposed(w) for name, w in layer.items()}
+                   for layer in split(params["layers"]))
+    params = {**params, "layers": layers}
     return params, (None if lora is None else lora.replace(weights=split(lora.weights)))
 
 

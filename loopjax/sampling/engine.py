@@ -58,10 +58,10 @@ Layers: on CPU the prefill and decode programs run on the params in the sampler'
 (`sampler_layout`): split into per-layer arrays, their layers unrolled (a layer scan would have
 XLA:CPU copy every layer's weights out of the stack at every decoded token), and each fp32
 kernel stored transposed, F x D (XLA:CPU multiplies a decode step's few rows by it 1.1-1.9x
-faster, `matmul_t`). The engine makes that copy when it is given params it has not laid out yet and keeps
-it while they are the same arrays: one more copy of the model in memory. Elsewhere, or with
-`unroll_layers=False`, the layers are a scan over the params as given: no copy, and a compile
-time that does not grow with depth.
+faster, `matmul_t`). The engine makes that copy when it is given params it has not laid out yet
+and keeps it while they are the same arrays: one more copy of the model in memory. Elsewhere, or
+with `unroll_layers=False`, the layers are a scan over the params as given: no copy, and a
+compile time that does not grow with depth.
 
 Randomness: every episode has its own key (given to `add` when the slot is free). The token at
 conversation position p (0-based, counting every prompt / reply / generated token of the episode)
