@@ -14,7 +14,10 @@ decodes). Also decode with one step per call (a host round trip per token) again
 on-device loop. Prints ONE JSON line.
 
     python benchmarks/sampler.py [--quick] [--threads N] [--model qwen2-100m|smollm2|qwen2-0.5b]
-                                 [--dtype float32|bfloat16]
+                                 [--dtype float32|bfloat16] [--allocator system|tcmalloc]
+
+Both sides share this process, and so its C allocator (`--allocator`: the script re-executes
+itself under tcmalloc; benchmarks/allocator.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import json
 import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import allocator  # noqa: E402
 
 
 def _args():
@@ -38,10 +44,13 @@ def _args():
                     help="weights and activations on both sides (bfloat16 for a GPU)")
     ap.add_argument("--model", choices=("qwen2-100m", "smollm2", "qwen2-0.5b"), default="qwen2-100m",
                     help="the shapes (random weights): the default ~100M Qwen2, or SmolLM2-135M's")
+    ap.add_argument("--allocator", choices=allocator.CHOICES, default="system",
+                    help="the C allocator of this process, both sides (benchmarks/allocator.py)")
     return ap.parse_args()
 
 
 ARGS = _args()
+allocator.ensure(ARGS.allocator, sys.argv)
 # XLA:CPU runs on every core (os.cpu_count()); torch gets --threads (default: the same count).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -216,7 +225,7 @@ def main():
     kv_bytes_per_row = (2 * config.num_layers * len_bucket * config.num_kv_heads * config.head_dim
                         * jnp.dtype(ARGS.dtype).itemsize)
     result = dict(
-        benchmark="sampler", quick=ARGS.quick, threads=ARGS.threads,
+        benchmark="sampler", quick=ARGS.quick, threads=ARGS.threads, allocator=allocator.current(),
         model=dict(name=ARGS.model, params=int(config.num_params()), D=config.hidden_size,
                    L=config.num_layers, H=config.num_heads, Hk=config.num_kv_heads,
                    F=config.intermediate_size, V=config.vocab_size, dtype=ARGS.dtype),

@@ -2,6 +2,7 @@
 
     python benchmarks/update_step.py [--small] [--rollouts 2] [--steps 1] [--repeats 2]
                                      [--seq 2048] [--remat] [--attention_chunk N]
+                                     [--allocator system|tcmalloc]
 
 - loopjax: the jitted update step (LoRA r16 on every projection, one minibatch of `--rollouts`
   rollouts of T tokens, gradient accumulation one rollout per microbatch) on a ~100M-parameter
@@ -9,7 +10,9 @@
   matmul FLOP/s measured in the same run, peak RSS, and the live copies of the base weights.
 - peer: the same update written the way the LOOP PyTorch reference does it: transformers
   Qwen2ForCausalLM + peft LoRA, a forward/backward per rollout, clip_grad_norm_, torch AdamW.
-Each side runs in its own subprocess so that peak memory is its own. Model FLOPs per rollout =
+Each side runs in its own subprocess so that peak memory is its own, both under the same C
+allocator (`--allocator`, benchmarks/allocator.py; each reports the one it ran under and its
+page faults per timed step). Model FLOPs per rollout =
 forward (2 x layer matmul params x T + the unembedding 2 x D x V at the generated tokens, the
 ones the loss reads + causal attention 2 x L x H x Dh x T^2) + an equal backward for the
 activation gradients (the frozen base needs no weight gradients; LoRA's are negligible). Logits
@@ -30,6 +33,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import allocator  # noqa: E402
 
 FULL = dict(vocab_size=32768, hidden_size=768, intermediate_size=3584, num_layers=8, num_heads=12,
             num_kv_heads=2, head_dim=64)
@@ -110,11 +116,13 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
     state, metrics = step(state, batch)  # compile + one step
     jax.block_until_ready(metrics)
     first_s = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = step(state, batch)
     jax.block_until_ready((state.trainable, metrics))
     step_s = (time.perf_counter() - start) / steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
 
     copies = base_weight_copies(jax, state)
 
@@ -133,7 +141,8 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
                 peak_rss_mb=peak_rss_mb(), base_weight_copies=copies,
                 device=str(jax.devices()[0].device_kind),
                 matmul_flops_per_s=matmul, params=mc.num_params(), loss=float(metrics["loss"]),
-                compiles=step.num_compiles(), attention_chunk=mc.attention_chunk)
+                compiles=step.num_compiles(), attention_chunk=mc.attention_chunk,
+                page_faults_per_step=faults, allocator=allocator.current())
 
 
 def run_torch(cfg: dict, T: int, n: int, steps: int, dtype: str = "float32") -> dict:
@@ -177,11 +186,13 @@ def run_torch(cfg: dict, T: int, n: int, steps: int, dtype: str = "float32") -> 
     one_step()
     sync()
     first_s = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):
         one_step()
     sync()
     step_s = (time.perf_counter() - start) / steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     N = 2048 if device == "cpu" else 8192
     a = torch.ones(N, N, device=device, dtype=getattr(torch, dtype))
     torch.mm(a, a)
@@ -194,7 +205,8 @@ def run_torch(cfg: dict, T: int, n: int, steps: int, dtype: str = "float32") -> 
     matmul = 2 * N ** 3 * reps / (time.perf_counter() - start)
     return dict(step_s=step_s, first_step_s=first_s, tokens_per_s=n * T / step_s,
                 peak_rss_mb=peak_rss_mb(), matmul_flops_per_s=matmul, device=device,
-                torch_threads=torch.get_num_threads())
+                torch_threads=torch.get_num_threads(), page_faults_per_step=faults,
+                allocator=allocator.current())
 
 
 def main():
@@ -213,6 +225,8 @@ def main():
     ap.add_argument("--attention_chunk", type=int, default=None,
                     help="loopjax side: queries per attention block (0 = one dense T x T block; "
                          "default: ModelConfig's)")
+    ap.add_argument("--allocator", choices=allocator.CHOICES, default="system",
+                    help="the C allocator of both sides (tcmalloc: LD_PRELOAD; benchmarks/allocator.py)")
     ap.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     model = args.model or ("small" if args.small else "qwen2-100m")
@@ -236,7 +250,8 @@ def main():
                        ["--remat"] if args.remat else []) + (
                        [] if args.attention_chunk is None or side == "torch"
                        else ["--attention_chunk", str(args.attention_chunk)])
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env=allocator.env_for(args.allocator)).stdout
             run = json.loads(out.strip().splitlines()[-1])
             runs[side].append(round(run["step_s"], 2))
             if side not in sides or run["step_s"] < sides[side]["step_s"]:
@@ -247,6 +262,7 @@ def main():
     result = dict(
         figure="update_step", config=dict(cfg, T=T, rollouts_per_step=args.rollouts, lora_rank=16,
                                           remat=args.remat, model=model,
+                                          allocator=sorted({j["allocator"], t["allocator"]}),
                                           params=j["params"], dtype=args.dtype,
                                           device=j["device"]),
         loopjax=dict(tokens_per_s=round(j["tokens_per_s"], 1), step_s=round(j["step_s"], 2),
@@ -255,14 +271,15 @@ def main():
                      matmul_flops_per_s=round(j["matmul_flops_per_s"] / 1e9, 2),
                      flops_fraction_of_matmul=round(flops / j["step_s"] / j["matmul_flops_per_s"], 3),
                      peak_rss_mb=round(j["peak_rss_mb"]), base_weight_copies=j["base_weight_copies"],
-                     compiles=j["compiles"]),
+                     compiles=j["compiles"], page_faults_per_step=round(j["page_faults_per_step"])),
         peer_torch_peft=dict(tokens_per_s=round(t["tokens_per_s"], 1), step_s=round(t["step_s"], 2),
                              first_step_s=round(t["first_step_s"], 2),
                              model_flops_per_s=round(flops / t["step_s"] / 1e9, 2),
                              matmul_flops_per_s=round(t["matmul_flops_per_s"] / 1e9, 2),
                              flops_fraction_of_matmul=round(
                                  flops / t["step_s"] / t["matmul_flops_per_s"], 3),
-                             peak_rss_mb=round(t["peak_rss_mb"]), threads=t["torch_threads"]),
+                             peak_rss_mb=round(t["peak_rss_mb"]), threads=t["torch_threads"],
+                             page_faults_per_step=round(t["page_faults_per_step"])),
         speedup_vs_peer=round(j["tokens_per_s"] / t["tokens_per_s"], 3),
         step_s_of_each_run=runs,
         model_flops_per_step_gflop=round(flops / 1e9, 1), generated_tokens_per_step=outputs,

@@ -188,6 +188,28 @@ def matmul_t(x_BxTxD, w_FxD, preferred_element_type=None):
     return jnp.einsum("btd,fd->btf", x_BxTxD, w_FxD, preferred_element_type=preferred_element_type)
 
 
+@jax.custom_vjp
+def swiglu(gate, up):
+    """silu(gate) * up, keeping only its two inputs for the backward pass (sigmoid(gate) is
+    recomputed there). Autodiff of the expression would also keep sigmoid(gate) and silu(gate):
+    two more B x T x F arrays per layer, stacked by the layer scan for the backward pass."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dh):
+    """d/dg [g sigmoid(g)] = sigmoid(g) (1 + g (1 - sigmoid(g)))."""
+    gate, up = residuals
+    sig = jax.nn.sigmoid(gate)
+    return dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lora_delta(scale, x_BxTxD, a_DxR, b_RxF):
     """scale * (x A) B."""
@@ -413,7 +435,7 @@ def block(config, x_BxTxD, p, lora_p, lora_scale, positions_BxT, attend, kv_cach
 
     # --- SwiGLU MLP
     h = rms_norm(x_BxTxD, p["mlp_norm"], eps)
-    h = jax.nn.silu(lin(h, name="gate_proj")) * lin(h, name="up_proj")
+    h = swiglu(lin(h, name="gate_proj"), lin(h, name="up_proj"))
     return x_BxTxD + lin(h, name="down_proj"), new_kv
 
 
