@@ -60,7 +60,20 @@ def current() -> str:
 
 def ensure(allocator: str, argv: list[str]) -> None:
     """Re-executes this process (`argv`, with the same interpreter) under `allocator` unless it
-    already runs under it; for a benchmark whose sides share one process."""
-    if current() != allocator and current() != "unknown":
-        import sys
-        os.execve(sys.executable, [sys.executable] + argv, env_for(allocator))
+    already runs under it; for a benchmark whose sides share one process. Exits with a message
+    where the allocator cannot be checked or the re-executed process still lacks it."""
+    now = current()
+    if now == allocator:
+        return
+    if now == "unknown":
+        raise SystemExit(f"--allocator {allocator}: cannot read /proc/self/maps to check it")
+    if os.environ.get(_REEXEC) == allocator:
+        raise SystemExit(f"--allocator {allocator}: re-executed with LD_PRELOAD="
+                         f"{os.environ.get('LD_PRELOAD', '')!r} but this process runs under {now}")
+    import sys
+    env = env_for(allocator)
+    env[_REEXEC] = allocator
+    os.execve(sys.executable, [sys.executable] + argv, env)
+
+
+_REEXEC = "LOOPJAX_BENCHMARK_REEXEC_ALLOCATOR"
