@@ -2,9 +2,10 @@
 
 On CPU both XLA and PyTorch take their large buffers (XLA: each execution's temporaries; torch:
 activations and gradients) from malloc. glibc serves allocations above 32 MB with a fresh mmap
-and returns them on free, so every step faults each page of them in again: about 570K page
-faults per update step for loopjax and up to 3M for the peer at the default update_step config
-(docs/performance.md, "The allocator"). tcmalloc keeps freed memory mapped. `--allocator
+and returns them on free, so every step faults each page of them in again: 400K-570K page
+faults per update step for loopjax and 0.4-0.9M for the peer at the default update_step config
+(docs/performance.md, "The allocator, and SwiGLU's residuals"). tcmalloc keeps freed memory
+mapped. `--allocator
 tcmalloc` runs both sides under it (LD_PRELOAD); the default, `system`, is what a plain
 `python` gets.
 
@@ -16,19 +17,22 @@ from __future__ import annotations
 import ctypes.util
 import glob
 import os
+import sys
 
 CHOICES = ("system", "tcmalloc")
+_REEXEC = "LOOPJAX_BENCHMARK_REEXEC_ALLOCATOR"  # set in a re-executed process: never twice
 
 
 def tcmalloc_path() -> str:
     """The tcmalloc shared library on this machine; a clear error where there is none."""
+    for pattern in ("/usr/lib/*/libtcmalloc_minimal.so*", "/usr/lib/*/libtcmalloc.so*",
+                    "/usr/lib64/libtcmalloc*.so*"):
+        paths = sorted(glob.glob(pattern))
+        if paths:
+            return paths[0]
+    # Elsewhere, a soname the dynamic loader resolves (find_library gives no path on Linux).
     found = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
-    candidates = glob.glob("/usr/lib/*/libtcmalloc_minimal.so*") + glob.glob(
-        "/usr/lib/*/libtcmalloc.so*") + glob.glob("/usr/lib64/libtcmalloc*.so*")
-    for path in ([found] if found and os.path.isabs(found) else []) + sorted(candidates):
-        if os.path.exists(path):
-            return path
-    if found:  # a bare soname: the dynamic loader resolves it
+    if found:
         return found
     raise SystemExit("--allocator tcmalloc: no libtcmalloc on this machine "
                      "(Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
@@ -70,10 +74,6 @@ def ensure(allocator: str, argv: list[str]) -> None:
     if os.environ.get(_REEXEC) == allocator:
         raise SystemExit(f"--allocator {allocator}: re-executed with LD_PRELOAD="
                          f"{os.environ.get('LD_PRELOAD', '')!r} but this process runs under {now}")
-    import sys
     env = env_for(allocator)
     env[_REEXEC] = allocator
     os.execve(sys.executable, [sys.executable] + argv, env)
-
-
-_REEXEC = "LOOPJAX_BENCHMARK_REEXEC_ALLOCATOR"
