@@ -8,7 +8,8 @@ tasks/<id>/ground_truth/metadata.json and answer.json). It runs either as a subp
 or in a thread (an external server_url). Its apis: notes.add/list, supervisor.complete_task, and
 debug.crash / hang / server_pid to break it on purpose.
 
-A test of the real package runs only when LOOPJAX_APPWORLD_PYTHON names a python that has appworld.
+The real engine is tested in tests/test_appworld_engine.py; this fake stays for faults the real
+one cannot be made to show (a cell that kills the server, a replay that prints something else).
 """
 import contextlib
 import http.server
@@ -30,7 +31,7 @@ else:
 
     from loopjax.envs import list_tasks, make_env, scenario_id
     from loopjax.envs.appworld import (AppWorldEnv, AppWorldError, AppWorldUnavailable,
-                                       goal_completion)
+                                       appworld_task_ids, goal_completion)
     from loopjax.envs.base import EvalResult, StepResult
 
 THIS_FILE = os.path.abspath(__file__)
@@ -328,17 +329,19 @@ def test_external_server_url(aw_root):
 def test_missing_appworld_is_explained(aw_root, tmp_path, monkeypatch):
     for var in ("APPWORLD_ROOT", "APPWORLD_PYTHON", "APPWORLD_SERVER_COMMAND"):
         monkeypatch.delenv(var, raising=False)
-    for call in (lambda: list_tasks("appworld", "train"), lambda: make_env("appworld")):
+    monkeypatch.setenv("LOOPJAX_APPWORLD_HOME", str(tmp_path / "no-setup-here"))
+    for call in (lambda: list_tasks("appworld", "train"), lambda: make_env("appworld"),
+                 lambda: list_tasks("appworld-synth", "train")):
         with pytest.raises(AppWorldUnavailable) as e:
             call()
-        for command in ("APPWORLD_ROOT", "pip install appworld", "appworld install",
-                        "appworld download data"):
+        for command in ("APPWORLD_ROOT", "APPWORLD_PYTHON", "python -m loopjax.envs.appworld_setup"):
             assert command in str(e.value)
     with pytest.raises(AppWorldUnavailable, match="holds no AppWorld data"):
         make_env("appworld", root=str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown AppWorld split 'nope'.*has \['dev', 'test_challenge'"):
+        appworld_task_ids("nope", aw_root)
 
-    monkeypatch.setenv("PATH", str(tmp_path))  # no `appworld` command anywhere
-    with pytest.raises(AppWorldUnavailable, match="(?s)set APPWORLD_PYTHON.*pip install appworld"):
+    with pytest.raises(AppWorldUnavailable, match="(?s)set APPWORLD_PYTHON.*appworld_setup"):
         AppWorldEnv(root=aw_root).reset("aaa1111_1")
     with pytest.raises(AppWorldUnavailable, match="not an executable"):
         AppWorldEnv(root=aw_root, python=str(tmp_path / "nope")).reset("aaa1111_1")
@@ -349,37 +352,3 @@ def test_missing_appworld_is_explained(aw_root, tmp_path, monkeypatch):
     with pytest.raises(AppWorldError, match="did not start(.|\n)*boom"):
         env.reset("aaa1111_1")
     env.close()
-
-
-@pytest.mark.skipif(not os.environ.get("LOOPJAX_APPWORLD_PYTHON"),
-                    reason="set LOOPJAX_APPWORLD_PYTHON to a python with appworld installed")
-def test_real_appworld_server(tmp_path):
-    """Against the real package: a real episode when APPWORLD_ROOT has AppWorld's data; without
-    data, server start, readiness, its 500 on an unloadable task, and shutdown."""
-    python = os.environ["LOOPJAX_APPWORLD_PYTHON"]
-    root = os.environ.get("APPWORLD_ROOT")
-    if root and os.path.isfile(os.path.join(root, "data", "datasets", "train.txt")):
-        task_id = list_tasks("appworld", "paper_train")[0]
-        env = AppWorldEnv(root=root, python=python)
-        try:
-            obs = env.reset(task_id)
-            assert obs.instruction and obs.supervisor.email
-            assert "spotify" in env.step("print(apis.api_docs.show_app_descriptions())").output
-            env.step("apis.supervisor.complete_task()")
-            ev = env.evaluate()
-            assert ev.num_tests > 0 and 0.0 <= ev.reward < 1.0
-        finally:
-            env.close()
-        return
-    for sub in ("tasks/broken_1", "datasets"):
-        (tmp_path / "data" / sub).mkdir(parents=True)
-    env = AppWorldEnv(root=str(tmp_path), python=python)
-    try:
-        with pytest.raises(AppWorldError, match="could not initialize AppWorld task broken_1"):
-            env.reset("broken_1")  # no specs.json: the real server answers 500
-        assert env.server.proc.poll() is None  # a 500 is not a crash: the server still runs
-        with pytest.raises(RuntimeError, match="reset"):
-            env.step("print(1)")
-    finally:
-        env.close()
-    assert env.server_pid is None

@@ -1,20 +1,27 @@
 """The Env protocol over the real AppWorld, through its environment server.
 
 AppWorld pins its own dependencies, so (as the LOOP authors do) it lives in its own virtualenv and
-loopjax talks to `appworld serve environment --port N` over HTTP (stdlib urllib only). Each
+loopjax talks to its environment server over HTTP on a Unix socket (stdlib only). Each
 AppWorldEnv owns one server process (the server holds one task world at a time), started on first
-use and stopped by close() (the process itself: `loopjax.envs.appworld_server`). Set up once:
+use and stopped by close() (the process itself: `loopjax.envs.appworld_server`). Set up once,
+offline, with an AppWorld-format task suite built from the package's own apps:
 
-    python -m venv ~/appworld-venv && ~/appworld-venv/bin/pip install appworld
-    cd ~/appworld-root && ~/appworld-venv/bin/appworld install && ~/appworld-venv/bin/appworld download data
-    export APPWORLD_ROOT=~/appworld-root APPWORLD_PYTHON=~/appworld-venv/bin/python
+    python -m loopjax.envs.appworld_setup      # then make_env("appworld-synth")
+
+or point APPWORLD_ROOT (the folder with data/) and APPWORLD_PYTHON at AppWorld's own data and venv
+for make_env("appworld"): the adapter is the same.
 
 Server protocol (AppWorld's appworld/serve/environment.py): POST JSON bodies, replies {"output": ...}:
 /initialize {task_id, experiment_name, timeout_seconds, random_seed, ...} -> task (instruction,
 supervisor, datetime); /execute {task_id, code} -> printed output or "Execution failed. Traceback..";
 /task_completed {task_id} -> bool; /evaluate {task_id, suppress_errors, report} -> TestTracker dict
 {success, difficulty, num_tests, passes: [{requirement, label}], failures: [{requirement, trace, label}]};
-/close {task_id}. GET / answers once the server is up.
+/close {task_id}. GET / answers once the server is up. `ground_truth_mode` is never sent (its
+upstream type is wrong; the server's default, minimal, is what evaluation needs).
+
+An episode ends when a cell calls apis.supervisor.complete_task(...): that step() returns
+done=True, any later step() returns done=True with "The task is already completed" and runs
+nothing, and evaluate() grades the state the episode left (the answer given, the DB changes).
 
 Crash policy: when the server dies, hangs past a timeout or answers 5xx during step() or evaluate(),
 the env restarts it, re-initializes the task and replays the episode's earlier code cells, checking
@@ -24,13 +31,16 @@ replay diverges, the episode is recorded as failed: step() returns done=True wit
 evaluate() returns reward 0 with the reason in `failures`, and `env.failure` holds the reason (so a
 collector can drop the episode instead of training on it). The next reset() starts clean; the run
 goes on. reset() itself retries the same way and raises AppWorldError if it cannot start a task.
+A 4xx answer (a request for a world the server has not loaded) is an AppWorldError, never a crash.
 """
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import logging
 import os
+import textwrap
 from collections import defaultdict
 from typing import Mapping
 
@@ -41,7 +51,6 @@ from loopjax.envs.base import EvalResult, Observation, StepResult, Supervisor, s
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "dev", "test_normal", "test_challenge")
 # The paper trains on AppWorld's train tasks of difficulty 1 and 2 (72 tasks).
 SPLIT_ALIASES = {"paper_train": "train:difficulty=1,2"}
 # AppWorld's user-facing apps (its APP_TO_DESCRIPTION, admin excluded), as the agent sees them.
@@ -66,6 +75,18 @@ def appworld_root(root: str | None = None) -> str:
     return root
 
 
+def synth_installation() -> tuple[str, str]:
+    """(AppWorld's venv python, the suite's root) of `python -m loopjax.envs.appworld_setup`;
+    an explicit $APPWORLD_PYTHON wins over the set-up's venv."""
+    from loopjax.envs.appworld_setup import installed  # noqa: PLC0415
+
+    found = installed()
+    if found is None:
+        raise AppWorldUnavailable("the AppWorld-format suite is not set up (looked in "
+                                  f"$LOOPJAX_APPWORLD_HOME or ~/.cache/loopjax/appworld).\n{INSTALL_HELP}")
+    return os.environ.get("APPWORLD_PYTHON", found[0]), found[1]
+
+
 def task_difficulty(task_id: str, root: str | None = None) -> int:
     """A task's difficulty (1-3) from data/tasks/<id>/ground_truth/metadata.json."""
     path = os.path.join(appworld_root(root), "data", "tasks", task_id, "ground_truth", "metadata.json")
@@ -76,20 +97,25 @@ def task_difficulty(task_id: str, root: str | None = None) -> int:
         raise AppWorldError(f"cannot read the difficulty of task {task_id!r} from {path}: {e}") from e
 
 
+def dataset_names(root: str | None = None) -> list[str]:
+    """The split names a root has: its data/datasets/<name>.txt files."""
+    folder = os.path.join(appworld_root(root), "data", "datasets")
+    return sorted(f[:-4] for f in os.listdir(folder) if f.endswith(".txt"))
+
+
 def appworld_task_ids(split: str, root: str | None = None) -> list[str]:
-    """Task ids of "<split>" or "<split>:difficulty=1,2" (split in SPLITS), or an alias
-    ("paper_train" = the paper's 72 training tasks), in the order of AppWorld's dataset file."""
+    """Task ids of "<split>" or "<split>:difficulty=1,2" (split: one of the root's datasets
+    files, e.g. train, dev, test_normal, test_challenge), or an alias ("paper_train" = the
+    paper's 72 training tasks), in the order of the dataset file."""
     spec = SPLIT_ALIASES.get(split, split)
     name, _, filt = spec.partition(":")
-    if name not in SPLITS or (filt and not filt.startswith("difficulty=")):
-        raise ValueError(f"unknown AppWorld split {split!r}; use one of {list(SPLITS)}, optionally "
-                         f"with ':difficulty=1,2', or an alias {sorted(SPLIT_ALIASES)}")
     root = appworld_root(root)
-    path = os.path.join(root, "data", "datasets", f"{name}.txt")
-    if not os.path.isfile(path):
-        raise AppWorldUnavailable(f"{path} does not exist (incomplete AppWorld data?)\n{INSTALL_HELP}")
-    with open(path) as f:  # lines may carry a ":tag" suffix, which AppWorld strips
-        ids = [line.strip().split(":")[0] for line in f if line.strip()]
+    names = dataset_names(root)
+    if name not in names or (filt and not filt.startswith("difficulty=")):
+        raise ValueError(f"unknown AppWorld split {split!r}; {root} has {names}, optionally "
+                         f"with ':difficulty=1,2', or an alias {sorted(SPLIT_ALIASES)}")
+    with open(os.path.join(root, "data", "datasets", f"{name}.txt")) as f:
+        ids = [line.strip().split(":")[0] for line in f if line.strip()]  # AppWorld strips ":tag"
     if filt:
         try:
             keep = {int(d) for d in filt[len("difficulty="):].split(",")}
@@ -97,6 +123,34 @@ def appworld_task_ids(split: str, root: str | None = None) -> list[str]:
             raise ValueError(f"bad difficulty list in split {split!r}; e.g. 'train:difficulty=1,2'") from None
         ids = [t for t in ids if task_difficulty(t, root) in keep]
     return ids
+
+
+def solution_cells(task_id: str, root: str | None = None) -> list[str]:
+    """A task's ground-truth solution as code cells: the body of `solution(apis, requester)` in
+    ground_truth/solution.py (AppWorld's form), split at blank lines between whole statements."""
+    path = os.path.join(appworld_root(root), "data", "tasks", task_id, "ground_truth", "solution.py")
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise AppWorldError(f"task {task_id!r} has no ground-truth solution ({path}): {e}") from e
+    fn = next((n for n in ast.parse(source).body
+               if isinstance(n, ast.FunctionDef) and n.name == "solution"), None)
+    if fn is None:
+        raise AppWorldError(f"{path} defines no solution(apis, requester)")
+    lines = source.splitlines()
+    body = textwrap.dedent("\n".join(lines[fn.body[0].lineno - 1:fn.body[-1].end_lineno]))
+    cells, current = [], []
+    for stmt in ast.parse(body).body:  # a cell ends at a blank line before a statement
+        text = ast.get_source_segment(body, stmt, padded=False)
+        gap = current and body.splitlines()[stmt.lineno - 2].strip() == ""
+        if gap:
+            cells.append("\n".join(current))
+            current = []
+        current.append(text)
+    if current:
+        cells.append("\n".join(current))
+    return cells
 
 
 def goal_completion(successes: Mapping[str, bool | EvalResult]) -> dict[str, float]:

@@ -1,16 +1,21 @@
 """The AppWorld environment server as a process: its command, start, stop, and HTTP requests.
 
-`AppWorldServer` runs one `appworld serve environment --port N` (in AppWorld's own virtualenv, see
-`loopjax.envs.appworld`) in its own session, on a free port, logging to a temporary file, and
-stops it (SIGTERM, then SIGKILL to its group) on stop() and at interpreter exit. With
-`server_url` it speaks to an already-running server instead and never starts or stops one.
+`AppWorldServer` runs one AppWorld environment server in AppWorld's own virtualenv (see
+`loopjax.envs.appworld_setup`): `appworld_suite/serve.py`, AppWorld's own app on a Unix socket
+in a private temporary folder (never a network port), in its own session, logging to a
+temporary file, and stops it (SIGTERM, then SIGKILL to its group) on stop() and at interpreter
+exit. A custom command (`server_command`, with "{socket}" or "{port}" and "{root}") replaces it;
+with `server_url` the env speaks to an already-running server and never starts or stops one.
 `post()` sorts failures for the env's crash policy: a dead, hung or 5xx-answering server raises
-`ServerCrash`; a 4xx (a request loopjax got wrong) raises `AppWorldError`.
+`ServerCrash`; a 4xx (a request loopjax got wrong, or a world the server has not loaded) raises
+`AppWorldError`.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
+import http.client
 import json
 import logging
 import os
@@ -21,19 +26,17 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import weakref
 
 log = logging.getLogger(__name__)
 
-INSTALL_HELP = """AppWorld is installed in its own virtualenv (its pinned dependencies clash with JAX's):
-    python -m venv ~/appworld-venv
-    ~/appworld-venv/bin/pip install appworld
-    mkdir -p ~/appworld-root && cd ~/appworld-root
-    ~/appworld-venv/bin/appworld install
-    ~/appworld-venv/bin/appworld download data
-    export APPWORLD_ROOT=~/appworld-root APPWORLD_PYTHON=~/appworld-venv/bin/python"""
+INSTALL_HELP = """AppWorld runs in its own virtualenv (its pinned dependencies clash with JAX's). Make it,
+with the AppWorld-format task suite built offline from the package's own apps:
+    python -m loopjax.envs.appworld_setup
+and use it with `--env appworld-synth`. With AppWorld's own data (`appworld download data`),
+point the adapter at it: export APPWORLD_ROOT=/path/to/root APPWORLD_PYTHON=/path/to/venv/bin/python"""
+SERVE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "appworld_suite", "serve.py")
 
 
 class AppWorldError(RuntimeError):
@@ -57,8 +60,8 @@ class ServerCrash(Exception):
 class AppWorldConfig:
     root: str | None = None  # APPWORLD_ROOT: the folder holding data/ (default: $APPWORLD_ROOT)
     python: str | None = None  # python of AppWorld's venv (default: $APPWORLD_PYTHON)
-    # Full server command with {port} and {root} placeholders (default: $APPWORLD_SERVER_COMMAND);
-    # overrides `python`. Without either, `appworld` on PATH is used.
+    # Full server command with {socket} or {port}, and {root} placeholders (default:
+    # $APPWORLD_SERVER_COMMAND); overrides `python`. Without either, loopjax's own set-up is used.
     server_command: str | tuple[str, ...] | None = None
     server_url: str | None = None  # use this already-running server instead (it is never restarted)
     experiment_name: str = "loopjax"  # AppWorld output folder prefix; each env adds a unique suffix
@@ -92,25 +95,26 @@ def _has_appworld(python: str) -> bool:
 
 
 def server_command(config: AppWorldConfig, root: str) -> list[str]:
-    """The command that starts an environment server, with "{port}" left for start() to fill."""
+    """The command that starts an environment server, with "{socket}" (or a custom command's
+    "{port}") left for start() to fill."""
     custom = config.server_command or os.environ.get("APPWORLD_SERVER_COMMAND")
     if custom:
         parts = shlex.split(custom) if isinstance(custom, str) else list(custom)
         return [p.replace("{root}", root) for p in parts]
-    args = ["serve", "environment", "--port", "{port}", "--root", root, "--no-show-usage"]
     python = config.python or os.environ.get("APPWORLD_PYTHON")
-    if python:
-        python = os.path.expanduser(python)
-        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-            raise AppWorldUnavailable(f"APPWORLD_PYTHON={python} is not an executable file.\n{INSTALL_HELP}")
-        if not _has_appworld(python):
-            raise AppWorldUnavailable(f"{python} cannot import appworld.\n{INSTALL_HELP}")
-        return [python, "-m", "appworld.cli", *args]
-    exe = shutil.which("appworld")
-    if exe is None:
-        raise AppWorldUnavailable("no AppWorld server command: set APPWORLD_PYTHON (or "
-                                  f"APPWORLD_SERVER_COMMAND), or put `appworld` on PATH.\n{INSTALL_HELP}")
-    return [exe, *args]
+    if not python:
+        from loopjax.envs.appworld_setup import installed  # noqa: PLC0415 (optional set-up)
+        found = installed()
+        if found is None:
+            raise AppWorldUnavailable(f"no AppWorld to run: set APPWORLD_PYTHON (or "
+                                      f"APPWORLD_SERVER_COMMAND).\n{INSTALL_HELP}")
+        python = found[0]
+    python = os.path.expanduser(python)
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise AppWorldUnavailable(f"APPWORLD_PYTHON={python} is not an executable file.\n{INSTALL_HELP}")
+    if not _has_appworld(python):
+        raise AppWorldUnavailable(f"{python} cannot import appworld.\n{INSTALL_HELP}")
+    return [python, SERVE_SCRIPT, "--root", root, "--socket", "{socket}"]
 
 
 _LIVE_SERVERS: weakref.WeakSet = weakref.WeakSet()
@@ -130,6 +134,7 @@ class AppWorldServer:
         self.proc: subprocess.Popen | None = None
         self.url = config.server_url.rstrip("/") if config.server_url else None
         self.log_path: str | None = None
+        self._socket_dir: str | None = None  # the managed server's private socket folder
         _LIVE_SERVERS.add(self)
 
     @property
@@ -149,9 +154,8 @@ class AppWorldServer:
         if self.log_path is None:
             fd, self.log_path = tempfile.mkstemp(prefix="loopjax-appworld-", suffix=".log")
             os.close(fd)
-        for _ in range(3):  # another process may grab the free port before the server binds it
-            port = _free_port()
-            cmd = [p.replace("{port}", str(port)) for p in template]
+        for _ in range(3):  # another process may grab a free port before the server binds it
+            cmd, self.url = self._fill(template)
             with open(self.log_path, "ab") as logf:
                 logf.write(f"\n$ {shlex.join(cmd)}\n".encode())
                 logf.flush()
@@ -159,7 +163,6 @@ class AppWorldServer:
                                              stdin=subprocess.DEVNULL, cwd=self.root,
                                              env=dict(os.environ, APPWORLD_ROOT=self.root),
                                              start_new_session=True)  # its own group, killed as one
-            self.url = f"http://127.0.0.1:{port}"
             if self._wait_ready():
                 log.info("AppWorld server pid %d at %s (log %s)", self.proc.pid, self.url, self.log_path)
                 return
@@ -169,6 +172,18 @@ class AppWorldServer:
                 raise AppWorldError(f"the AppWorld server did not start ({shlex.join(cmd)}); the end "
                                     f"of its log {self.log_path}:\n{tail}\n{INSTALL_HELP}")
         raise AppWorldError(f"the AppWorld server could not bind a port; see {self.log_path}")
+
+    def _fill(self, template: list[str]) -> tuple[list[str], str]:
+        """The command with its socket path (in a fresh folder of this user's) or port filled."""
+        if any("{socket}" in p for p in template):
+            if self._socket_dir is None:
+                self._socket_dir = tempfile.mkdtemp(prefix="loopjax-appworld-")  # mode 0700
+            path = os.path.join(self._socket_dir, "server.sock")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a killed server's socket file
+            return [p.replace("{socket}", path) for p in template], f"unix:{path}"
+        port = _free_port()
+        return [p.replace("{port}", str(port)) for p in template], f"http://127.0.0.1:{port}"
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.config.startup_timeout_s
@@ -182,13 +197,30 @@ class AppWorldServer:
 
     def _answers(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/", timeout=2.0) as r:
-                return r.status == 200
-        except (OSError, ValueError):
+            return self._request("GET", "/", None, 2.0)[0] == 200
+        except (OSError, http.client.HTTPException, ValueError):
             return False
+
+    def _request(self, verb: str, path: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+        """One HTTP request over the server's Unix socket or TCP address: (status, body)."""
+        if self.url.startswith("unix:"):
+            conn: http.client.HTTPConnection = _UnixConnection(self.url[5:], timeout)
+        else:
+            u = urllib.parse.urlsplit(self.url)
+            conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+            path = u.path.rstrip("/") + path
+        try:
+            conn.request(verb, path, body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
+        if self._socket_dir is not None:  # the server no longer needs its socket's folder
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
         if proc is None or proc.poll() is not None:
             return
         for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -214,18 +246,38 @@ class AppWorldServer:
 
     def post(self, method: str, body: dict, timeout: float):
         """{"output": X} -> X. Raises ServerCrash when the server is gone, hung or fails with 5xx,
-        AppWorldError on a 4xx (a request loopjax got wrong)."""
+        AppWorldError on a 4xx (a request loopjax got wrong, or a world it has not loaded)."""
         if self.managed and (self.proc is None or self.proc.poll() is not None):
             raise ServerCrash("the server process is not running")
-        req = urllib.request.Request(f"{self.url}/{method}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return json.loads(r.read())["output"]
-        except urllib.error.HTTPError as e:
-            text = e.read().decode(errors="replace")[-2000:]
-            if e.code >= 500:
-                raise ServerCrash(f"/{method} failed with HTTP {e.code}: {text}", answered=True) from None
-            raise AppWorldError(f"AppWorld server rejected /{method} (HTTP {e.code}): {text}") from None
-        except (OSError, ValueError, KeyError) as e:  # refused, reset, timed out, bad JSON
+            status, raw = self._request("POST", f"/{method}", json.dumps(body).encode(), timeout)
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out
             raise ServerCrash(f"/{method}: {type(e).__name__}: {e}") from None
+        if status >= 500:
+            text = raw.decode(errors="replace")[-2000:]
+            raise ServerCrash(f"/{method} failed with HTTP {status}: {text}", answered=True)
+        if status >= 400:
+            text = raw.decode(errors="replace")[-2000:]
+            raise AppWorldError(f"AppWorld server rejected /{method} (HTTP {status}): {text}")
+        try:
+            return json.loads(raw)["output"]
+        except (ValueError, KeyError) as e:
+            raise ServerCrash(f"/{method}: bad reply ({type(e).__name__}: {e})") from None
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket (the server's address is a path, not a port)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock

@@ -4,7 +4,8 @@
 
 The built-in worlds are registered here: miniworld's presets (miniworld exports its table of
 entries; it does not register itself) and "appworld", whose adapter is imported on first use
-because the real AppWorld is optional. A user's world joins with
+because the real AppWorld is optional, and "appworld-synth": the same adapter on the
+AppWorld-format task suite that `python -m loopjax.envs.appworld_setup` builds offline. A user's world joins with
 `register_world(name, WorldEntry(...))`.
 """
 from __future__ import annotations
@@ -23,8 +24,33 @@ def _appworld_tasks(split: str) -> list[str]:
     return appworld_task_ids(split)
 
 
+def _appworld_solution(task_id: str) -> list[str]:
+    from loopjax.envs.appworld import solution_cells  # noqa: PLC0415
+    return solution_cells(task_id)
+
+
+def _synth_env(**options) -> Env:
+    from loopjax.envs.appworld import AppWorldEnv, synth_installation  # noqa: PLC0415
+    python, root = synth_installation()
+    return AppWorldEnv(**{"root": root, "python": python, **options})
+
+
+def _synth_tasks(split: str) -> list[str]:
+    from loopjax.envs.appworld import appworld_task_ids, synth_installation  # noqa: PLC0415
+    return appworld_task_ids(split, synth_installation()[1])
+
+
+def _synth_solution(task_id: str) -> list[str]:
+    from loopjax.envs.appworld import solution_cells, synth_installation  # noqa: PLC0415
+    return solution_cells(task_id, synth_installation()[1])
+
+
 _WORLDS: dict[str, WorldEntry] = {  # the registry: world name -> entry
-    **miniworld.WORLDS, "appworld": WorldEntry(_appworld_env, _appworld_tasks)}
+    **miniworld.WORLDS,
+    # AppWorld's engine on APPWORLD_ROOT's data (AppWorld's own, or any AppWorld-format root)
+    "appworld": WorldEntry(_appworld_env, _appworld_tasks, _appworld_solution),
+    # the same engine and adapter on the suite `python -m loopjax.envs.appworld_setup` built
+    "appworld-synth": WorldEntry(_synth_env, _synth_tasks, _synth_solution)}
 
 
 def register_world(name: str, entry: WorldEntry) -> None:
