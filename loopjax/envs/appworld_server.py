@@ -2,7 +2,7 @@
 
 `AppWorldServer` runs one AppWorld environment server in AppWorld's own virtualenv (see
 `loopjax.envs.appworld_setup`): `appworld_suite/serve.py`, AppWorld's own app on a Unix socket
-in a private temporary folder (never a network port), in its own session, logging to a
+in a private temporary folder (mode 0700; never a network port), in its own session, logging to a
 temporary file, and stops it (SIGTERM, then SIGKILL to its group) on stop() and at interpreter
 exit. A custom command (`server_command`, with "{socket}" or "{port}" and "{root}") replaces it;
 with `server_url` the env speaks to an already-running server and never starts or stops one.

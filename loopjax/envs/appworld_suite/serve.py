@@ -33,7 +33,8 @@ def main(argv=None) -> int:
                                 f"not {task_id}.")
 
     server.maybe_raise_exception = maybe_raise_exception  # the routes look it up per call
-    os.umask(0o077)  # the socket file: this user only
+    # uvicorn makes the socket file 0666 whatever the umask: the adapter puts it in a folder of
+    # mode 0700, which is what keeps other users out.
     uvicorn.run(server.app, uds=args.socket, log_level="warning")
     return 0
 
