@@ -15,15 +15,16 @@ import numpy as np
 import optax
 import pytest
 
-from loopjax.config import LoraConfig, UpdateConfig
+from loopjax.config import EpochConfig, LoraConfig, UpdateConfig
 from loopjax.loop import update as update_module
+from loopjax.loop.epochs import run_iteration
 from loopjax.loop.update import init_train_state, make_update_step, split_params
 from loopjax.models.lora import init_lora
 from loopjax.rollout.batch import pack_minibatch
 from loopjax.models.transformer import init_params, token_logprobs
 from loopjax.sharding import make_mesh
 from conftest import as_rollout
-from test_loop_update import CFG, random_rollouts
+from test_loop_update import CFG, make, one_device_mesh, random_rollouts
 
 M = 8  # minibatch slots; 6 hold rollouts, 2 are empty (weight 0), so the denominator M != kept
 MIN_ABS = 0.3  # the |A| filter threshold these tests use; rollout 2 (|A| = 0.2) falls below it
@@ -198,3 +199,32 @@ def test_the_main_job_warns_of_a_cached_multi_device_cpu_mesh(caplog):
     assert jax.config.jax_compilation_cache_dir  # conftest's cache is on here
     assert warn_cached_cpu_collectives(make_mesh("2,2,2")) and "hang" in caplog.text
     assert not warn_cached_cpu_collectives(make_mesh("1,1,1", devices=jax.devices()[:1]))
+
+
+def test_kl_and_its_stop_add_up_every_microbatch():
+    """A step's kl_k1 = -(1/N) sum_b log w_b and kl_k3 = sum_t (r_t - 1 - log r_t) / (tokens) over
+    the rollouts of ALL its microbatches, as computed here rollout by rollout (one unpadded forward
+    pass each); and the KL stop reads that sum: an iteration whose KL is above the stop (about 31
+    against 20) while each microbatch's share of it stays far below (at most 2 x 41.5 / 8 = 10.4)
+    stops after its first step of two."""
+    state, step = make(UpdateConfig(minibatch_size=8, microbatch_size=2), one_device_mesh())
+    assert step.config.num_microbatches == 4
+    rng = np.random.default_rng(3)
+    is_output = np.arange(16) >= 6  # 10 generated tokens per rollout
+    # The policy is near uniform (log-prob about -4.16 per token); old log-probs of -0.01 to -2.0
+    # give log w from about -41.5 to -21.6, different for every rollout (no microbatch's mean is
+    # the whole step's).
+    rollouts = [as_rollout(tokens=rng.integers(0, CFG.vocab_size, 16), is_output=is_output,
+                           logp=np.where(is_output, -0.01 - 0.28 * i, 0.0),
+                           turn_id=np.ones(16, int)) for i in range(8)]
+    params, lora = jax.device_get(split_params(state.trainable, state.base))
+    log_ratio = [np.asarray(token_logprobs(CFG, params, jnp.asarray(r.tokens)[None], lora=lora)[0]
+                            - r.logp)[r.is_output] for r in rollouts]
+    kl_k1 = -np.mean([np.sum(x) for x in log_ratio])
+    kl_k3 = np.sum([np.sum(np.exp(x) - 1 - x) for x in log_ratio]) / sum(map(len, log_ratio))
+    assert 25 < kl_k1 < 40
+    _, history = run_iteration(step, state, rollouts, np.ones(8, np.float32), jax.random.key(0),
+                               EpochConfig(buckets=(16,)))
+    np.testing.assert_allclose(history[0]["kl_k1"], kl_k1, rtol=1e-4)
+    np.testing.assert_allclose(history[0]["kl_k3"], kl_k3, rtol=1e-4)
+    assert len(history) == 1 and history[0]["stopped_on_kl"]
