@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import appworld_loop  # noqa: E402
 from loopjax.eval import held_out_tgc  # noqa: E402
 
-# name -> overrides (ALGORITHM.md's table of variants)
+# name -> overrides (docs/algorithm.md's table of variants)
 VARIANTS = {
     "LOOP (token)": [],
     "LOOP (turn)": ["--update.level=turn"],

@@ -1,4 +1,4 @@
-"""The ReAct prompt (ALGORITHM.md, "The agent"), the environment's reply format, and a compact
+"""The ReAct prompt (docs/algorithm.md, "The agent"), the environment's reply format, and a compact
 variant for a tiny from-scratch model.
 
 Prompts are lists of (role, text) messages to feed into `Conversation.add_message`. The full prompt
