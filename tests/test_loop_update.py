@@ -10,8 +10,9 @@ import pytest
 from conftest import as_rollout
 from loopjax.config import EpochConfig, UpdateConfig
 from loopjax.loop import advantages
+from loopjax.loop import epochs as epochs_module
 from loopjax.loop.epochs import minibatch_plan, run_iteration
-from loopjax.loop.update import init_train_state, make_update_step, split_params
+from loopjax.loop.update import OUTLIER_WARMUP, init_train_state, make_update_step, split_params
 from loopjax.rollout.batch import forward_rows, pack_minibatch
 from loopjax.models.config import ModelConfig
 from loopjax.models.transformer import forward, init_params, token_logprobs
@@ -19,6 +20,12 @@ from loopjax.sharding import make_mesh
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8)
+
+
+def lora_update(**overrides) -> UpdateConfig:
+    """An update of a LoRA adapter at the paper's learning rate unless `overrides` say otherwise
+    (UpdateConfig's defaults train the default run's scratch model in full)."""
+    return UpdateConfig(**{"train_full_weights": False, "learning_rate": 5e-5, **overrides})
 
 
 def one_device_mesh():
@@ -78,7 +85,7 @@ def test_mesh_2x2x2_matches_one_device(level="token"):
     gradient's scale: test_update_gradient.py checks the gradient itself on every path.)"""
     # A small learning rate: Adam turns tiny reduction-order differences of near-zero gradients
     # into full-size steps, which would hide a real mismatch behind tolerance noise.
-    config = UpdateConfig(level=level, minibatch_size=8, microbatch_size=4, learning_rate=1e-3)
+    config = lora_update(level=level, minibatch_size=8, microbatch_size=4, learning_rate=1e-3)
     batches = [random_batch(s, microbatches=2) for s in range(2)]
     one, m1 = run_steps(config, one_device_mesh(), batches)
     eight, m8 = run_steps(config, make_mesh("2,2,2"), batches)
@@ -98,7 +105,7 @@ def test_full_weights_mode_trains_params():
 
 
 def test_nan_loss_skips_step_and_counts():
-    state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+    state, step = make(lora_update(minibatch_size=8), one_device_mesh())
     before = jax.device_get(state.trainable)
     bad = random_batch(5)
     bad = bad.replace(logp_old_UxBxT=np.where(bad.mask_UxBxT, np.nan, 0.0).astype(np.float32))
@@ -111,20 +118,20 @@ def test_nan_loss_skips_step_and_counts():
 
 
 def test_outlier_gradient_is_skipped():
-    config = UpdateConfig(minibatch_size=8, skip_outlier_grads=True, outlier_warmup=3)
+    config = lora_update(minibatch_size=8, skip_outlier_grads=True)
     state, step = make(config, one_device_mesh())
     normal = random_batch(6)
-    for _ in range(3):
+    for _ in range(OUTLIER_WARMUP):
         state, m = step(state, normal)
         assert bool(m["applied"])
     huge = normal.replace(adv_UxB=normal.adv_UxB * 1e4)
     state, m = step(state, huge)
     assert bool(m["outlier_skipped"]) and not bool(m["applied"])
-    assert int(state.outlier_skips) == 1 and int(state.step) == 3
+    assert int(state.outlier_skips) == 1 and int(state.step) == OUTLIER_WARMUP
 
 
 def test_one_copy_of_base_weights():
-    state, step = make(UpdateConfig(minibatch_size=8), make_mesh("2,2,2"))
+    state, step = make(lora_update(minibatch_size=8), make_mesh("2,2,2"))
     embed = state.base["embed"]
     for s in range(2):
         state, _ = step(state, random_batch(s))
@@ -137,7 +144,7 @@ def test_one_copy_of_base_weights():
 
 
 def test_compiles_once_per_bucket_and_row_count():
-    state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh(), fresh=True)
+    state, step = make(lora_update(minibatch_size=8), one_device_mesh(), fresh=True)
     epoch = EpochConfig(epochs_per_iteration=1, buckets=(8, 16, 32))
     length_ranges = [(3, 8), (9, 16), (17, 30), (3, 30)]
     history = []
@@ -259,7 +266,7 @@ def test_tree_units_split_at_the_row_length():
                                                      ("token", "2,2,2", 4)])
 def test_packed_rows_match_one_rollout_per_row(level, mesh_shape, micro):
     """Several rollouts per forward row (segments) give the loss, metrics and update of one per row."""
-    config = UpdateConfig(level=level, minibatch_size=8, microbatch_size=micro, learning_rate=1e-3)
+    config = lora_update(level=level, minibatch_size=8, microbatch_size=micro, learning_rate=1e-3)
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:mesh_shape.count("2") and 8 or 1])
     rollouts = random_rollouts(11, 7, min_len=3, max_len=14)  # 7 of 8 slots: one empty
     adv = np.random.default_rng(3).normal(size=7).astype(np.float32)
@@ -277,7 +284,7 @@ def test_packed_rows_match_one_rollout_per_row(level, mesh_shape, micro):
 
 
 def test_batch_of_another_microbatch_split_is_refused():
-    state, step = make(UpdateConfig(minibatch_size=8, microbatch_size=4), one_device_mesh())
+    state, step = make(lora_update(minibatch_size=8, microbatch_size=4), one_device_mesh())
     rollouts = random_rollouts(12, 8)
     batch = pack_minibatch(rollouts, np.ones(8, np.float32), 8, 16, pack=True, microbatches=1)
     with pytest.raises(ValueError, match="microbatches=2"):
@@ -288,7 +295,7 @@ def test_batch_of_another_microbatch_split_is_refused():
 def test_kl_stop_ends_iteration(behaviour):
     """|kl_k1| > 20 ends the iteration after the step that measured it, whichever its sign; a
     near-policy iteration runs all its planned steps (2 epochs x 32 rollouts / 8 = 8)."""
-    state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+    state, step = make(lora_update(minibatch_size=8), one_device_mesh())
     rollouts = random_rollouts(8, 32, min_len=20, max_len=30)
     # The policy is near uniform (log-prob about -4.2): behaviour log-probs of -0.01 give log w
     # << -20 per rollout (kl_k1 > 20), of -20 give log w >> 20 (kl_k1 < -20).
@@ -308,13 +315,14 @@ def test_kl_stop_ends_iteration(behaviour):
 
 
 @pytest.mark.parametrize("epochs", [1, 2])
-def test_too_many_nan_skips_abort(epochs):
-    """More than max_nan_skips skipped steps abort training; exactly max_nan_skips do not."""
-    state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+def test_too_many_nan_skips_abort(monkeypatch, epochs):
+    """More than MAX_NAN_SKIPS skipped steps abort training; exactly MAX_NAN_SKIPS do not."""
+    monkeypatch.setattr(epochs_module, "MAX_NAN_SKIPS", 2)
+    state, step = make(lora_update(minibatch_size=8), one_device_mesh())
     rollouts = random_rollouts(9, 16)
     for r in rollouts:
         r.logp = np.where(r.is_output, np.nan, 0.0).astype(np.float32)
-    config = EpochConfig(epochs_per_iteration=epochs, buckets=(16,), max_nan_skips=2)
+    config = EpochConfig(epochs_per_iteration=epochs, buckets=(16,))
     adv = np.ones(16, np.float32)
     if epochs == 1:  # 2 steps, both skipped: at the limit, not over it
         state, history = run_iteration(step, state, rollouts, adv, jax.random.key(0), config)
@@ -346,7 +354,7 @@ def test_run_iteration_shares_prompts_when_asked():
     adv = np.array([1.0, -0.5, 0.7, 0.4, -0.9, 0.3], np.float32)
     out = {}
     for share in (False, True):
-        state, step = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+        state, step = make(lora_update(minibatch_size=8), one_device_mesh())
         _, history = run_iteration(step, state, rollouts, adv, jax.random.key(0),
                                    EpochConfig(epochs_per_iteration=1, buckets=(32, 64),
                                                share_prefix=share))
@@ -408,9 +416,9 @@ def expected_reward(state):
 def test_learning_raises_expected_reward(name):
     G, K = 8, 4
     settings = dict(
-        loop=(UpdateConfig(learning_rate=1e-2), "leave_one_out", False, 2),
-        rloo=(UpdateConfig(clip_form=None, learning_rate=1e-2), "leave_one_out", False, 1),
-        grpo=(UpdateConfig(learning_rate=1e-2), "leave_none_out", True, 1))
+        loop=(lora_update(learning_rate=1e-2), "leave_one_out", False, 2),
+        rloo=(lora_update(clip_form=None, learning_rate=1e-2), "leave_one_out", False, 1),
+        grpo=(lora_update(learning_rate=1e-2), "leave_none_out", True, 1))
     config, baseline, norm, epochs = settings[name]
     # The LoRA adapter moves the final hidden state, whose RMS is pinned at 1; with init_params'
     # 0.02-scale unembedding, logits could then never move by more than ~0.6. A 10x unembedding gives

@@ -8,9 +8,8 @@ import jax
 import numpy as np
 
 from loopjax.checkpoint import Checkpointer
-from loopjax.loop.update import UpdateConfig
 from loopjax import train
-from test_loop_update import make, one_device_mesh, random_batch
+from test_loop_update import lora_update, make, one_device_mesh, random_batch
 
 
 def _trainer(run_dir, state, resume):
@@ -20,7 +19,7 @@ def _trainer(run_dir, state, resume):
 
 
 def test_restore_returns_the_saved_state_not_a_fresh_one(tmp_path):
-    config = UpdateConfig(minibatch_size=8, learning_rate=1e-2)
+    config = lora_update(minibatch_size=8, learning_rate=1e-2)
     fresh, step = make(config, one_device_mesh())
     fresh_host = jax.device_get(fresh.replace(base=None))
     state = fresh
@@ -51,7 +50,7 @@ def test_restore_returns_the_saved_state_not_a_fresh_one(tmp_path):
 
 
 def test_no_resume_means_no_restore(tmp_path):
-    state, _ = make(UpdateConfig(minibatch_size=8), one_device_mesh())
+    state, _ = make(lora_update(minibatch_size=8), one_device_mesh())
     writer = _trainer(tmp_path, state, resume=False)
     train.save(writer, 1, {})
     assert train.restore(writer) is None and writer.state is state

@@ -24,7 +24,7 @@ from loopjax.rollout.batch import pack_minibatch
 from loopjax.models.transformer import init_params, token_logprobs
 from loopjax.sharding import make_mesh
 from conftest import as_rollout
-from test_loop_update import CFG, make, one_device_mesh, random_rollouts
+from test_loop_update import CFG, lora_update, make, one_device_mesh, random_rollouts
 
 M = 8  # minibatch slots; 6 hold rollouts, 2 are empty (weight 0), so the denominator M != kept
 MIN_ABS = 0.3  # the |A| filter threshold these tests use; rollout 2 (|A| = 0.2) falls below it
@@ -207,7 +207,7 @@ def test_kl_and_its_stop_add_up_every_microbatch():
     pass each); and the KL stop reads that sum: an iteration whose KL is above the stop (about 31
     against 20) while each microbatch's share of it stays far below (at most 2 x 41.5 / 8 = 10.4)
     stops after its first step of two."""
-    state, step = make(UpdateConfig(minibatch_size=8, microbatch_size=2), one_device_mesh())
+    state, step = make(lora_update(minibatch_size=8, microbatch_size=2), one_device_mesh())
     assert step.config.num_microbatches == 4
     rng = np.random.default_rng(3)
     is_output = np.arange(16) >= 6  # 10 generated tokens per rollout

@@ -22,6 +22,9 @@ from loopjax.loop.update import TrainState, UpdateStep
 from loopjax.rollout.batch import Rollout, pack_minibatch, tree_units
 from loopjax.sharding import data_parallel_size
 
+# More steps skipped for a non-finite loss or gradient than this means training diverged
+MAX_NAN_SKIPS = 20
+
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:
     for b in buckets:
@@ -106,9 +109,9 @@ def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence
         history.append(metrics)
         if bar is not None:
             bar.update(1)
-        if metrics["nan_skips"] > config.max_nan_skips:
+        if metrics["nan_skips"] > MAX_NAN_SKIPS:
             raise RuntimeError(f"{int(metrics['nan_skips'])} update steps had a non-finite loss or "
-                               f"gradient (limit {config.max_nan_skips}); training is diverging")
+                               f"gradient (limit {MAX_NAN_SKIPS}); training is diverging")
         if kl_stop(metrics["kl_k1"], config.kl_stop):
             metrics["stopped_on_kl"] = True
             break

@@ -27,7 +27,7 @@ The clipped surrogate, with r_t = exp(logp_new_t - logp_old_t) over the generate
 Guards (the reference code's): KL estimate kl_k1 = -mean_b log w_b (log w_b = sum_t log r_t) over
 the minibatch; |kl_k1| > kl_stop (20) ends the iteration's remaining steps (`kl_stop`). A
 non-finite loss or gradient skips the step; optionally so does a gradient norm more than
-outlier_sigma standard deviations above the running mean of accepted norms (`step_guard`).
+`sigma` standard deviations above the running mean of accepted norms (`step_guard`).
 """
 
 from __future__ import annotations

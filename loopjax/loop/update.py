@@ -34,6 +34,11 @@ from loopjax.models.lora import init_lora
 from loopjax.models.transformer import token_logprobs
 from loopjax.sharding import data_parallel_size, microbatch_sharding, param_shardings
 
+# With skip_outlier_grads: a step whose grad norm is more than OUTLIER_SIGMA standard deviations
+# above the mean of the accepted ones is skipped, once OUTLIER_WARMUP steps were accepted
+OUTLIER_SIGMA = 5.0
+OUTLIER_WARMUP = 10
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -141,8 +146,7 @@ def _step(model_config, config, temperature, optimizer, state: TrainState, base,
     grad_norm = optax.tree.norm(grads)
     (apply, finite, outlier), (count, mean, m2) = step_guard(
         loss, grad_norm, state.gnorm_count, state.gnorm_mean, state.gnorm_m2,
-        skip_outliers=config.skip_outlier_grads, sigma=config.outlier_sigma,
-        warmup=config.outlier_warmup)
+        skip_outliers=config.skip_outlier_grads, sigma=OUTLIER_SIGMA, warmup=OUTLIER_WARMUP)
 
     # --- one AdamW step (global-norm clipped), or none
     def do_apply(args):
