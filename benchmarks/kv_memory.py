@@ -72,12 +72,12 @@ def run_one(args, share: bool) -> dict:
     est = memory.estimate(engine, params, activations=memory.sampler_activation_bytes(
         config, 1 << (slots - 1).bit_length(), engine.prefill_chunk, window))
     print(f"memory estimate at the end: {est.describe('sampler temporaries', 'now')}", flush=True)
-    return {"peak_gib": stats["kv_peak_bytes"] / memory.GiB,
+    return {"peak_gib": stats.kv_peak_bytes / memory.GiB,
             "pool_gib": engine.cache_bytes() / memory.GiB,
-            "episodes_per_gib": slots * memory.GiB / stats["kv_peak_bytes"],
+            "episodes_per_gib": slots * memory.GiB / stats.kv_peak_bytes,
             "episodes_per_gib_pool": slots * memory.GiB / engine.cache_bytes(),
-            "prefill_tokens": stats["prefill_tokens"],
-            "prefill_shared_tokens": stats["prefill_shared_tokens"],
+            "prefill_tokens": stats.prefill_tokens,
+            "prefill_shared_tokens": stats.prefill_shared_tokens,
             "mean_episode_tokens": float(np.mean(tokens)), "max_episode_tokens": max(tokens),
             "collect_s": round(seconds, 1), "estimate_gib": est.total_now / memory.GiB,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / memory.GiB,

@@ -61,9 +61,9 @@ def main():
     out = {"benchmark": "prompt_sharing", "run_dir": args.run_dir, "tasks": G,
            "rollouts_per_task": K, "episodes": len(plain),
            "mean_prompt_len": float(np.mean([np.argmax(r.is_output) for r in plain])),
-           "prefill_tokens": {"unshared": runs[False][0][1]["prefill_tokens"],
-                              "shared": stats["prefill_tokens"],
-                              "mapped": stats["prefill_shared_tokens"]},
+           "prefill_tokens": {"unshared": runs[False][0][1].prefill_tokens,
+                              "shared": stats.prefill_tokens,
+                              "mapped": stats.prefill_shared_tokens},
            "collect_s": {"unshared": round(statistics.median(r[2] for r in runs[False]), 2),
                          "shared": round(statistics.median(r[2] for r in runs[True]), 2)},
            "same_tokens": same_tokens, "max_logp_diff": logp_diff}

@@ -68,34 +68,37 @@ def baseline(args) -> dict:
         records, stats = collect(engine, params, None, envs, tok, tasks, list(range(len(tasks))),
                                  limits, key=jax.random.key(args.seed), temperature=0.0,
                                  workers=2, overlap=False, progress=progress)
+        episodes = [r.episode for r in records]
     finally:
         for env in envs:
             env.close()
     wall = time.perf_counter() - t1
-    summary = summarize(records)
-    generated = sum(r.info["num_generated"] for r in records)
+    summary = summarize(records, args.world)
+    generated = sum(r.num_generated for r in records)
     out = {"benchmark": "smollm2_baseline", "world": args.world, "split": args.split,
            "prompt": "compact" if args.compact else "full ReAct", "tasks": len(tasks),
            "tgc": summary["tgc"], "reward": summary["reward"], "sgc": summary["sgc"],
            "turns": summary.get("turns"), "code_error_rate": summary.get("code_error_rate"),
-           "end_reasons": {k: sum(r.info["end_reason"] == k for r in records)
-                           for k in sorted({r.info["end_reason"] for r in records})},
-           "mean_prompt_tokens": float(sum(len(r.tokens) - r.info["num_generated"] for r in records)
+           "end_reasons": {k: sum(e.end_reason == k for e in episodes)
+                           for k in sorted({e.end_reason for e in episodes})},
+           "mean_prompt_tokens": float(sum(len(r.tokens) - r.num_generated for r in records)
                                        / max(1, len(records))),
-           "generated_tokens": generated, "generate_s": stats["generate_s"],
-           "generated_tok_per_s": generated / max(stats["generate_s"], 1e-9),
+           "generated_tokens": generated, "generate_s": stats.generate_s,
+           "generated_tok_per_s": generated / max(stats.generate_s, 1e-9),
            "wall_s": wall, "load_s": load_s, "episodes_per_min": 60 * len(records) / wall,
            "peak_rss_gb": peak_rss_gb(), "estimate_gb": est.total_now / 1e9,
-           "kv_peak_gb": stats["kv_peak_bytes"] / 1e9, "slots": slots,
+           "kv_peak_gb": stats.kv_peak_bytes / 1e9, "slots": slots,
            "max_seq_len": args.max_seq_len, "max_new_tokens": args.max_new_tokens,
            "max_turns": args.turns}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        keep = ("task_id", "instruction", "reward", "success", "passes", "failures", "end_reason",
-                "turns", "num_tokens", "num_generated")
+        shown = [{"task_id": r.task_id, "instruction": e.instruction, "reward": r.reward,
+                  "success": r.success, "passes": e.result.passes, "failures": e.result.failures,
+                  "end_reason": e.end_reason, "turns": [vars(t) for t in e.turns],
+                  "num_tokens": len(r.tokens), "num_generated": r.num_generated}
+                 for r, e in zip(records, episodes)]
         with open(args.out, "w") as f:
-            json.dump({"summary": out, "episodes": [{k: r.get(k) for k in keep} for r in records]},
-                      f, indent=1, default=str)
+            json.dump({"summary": out, "episodes": shown}, f, indent=1, default=str)
     return out
 
 

@@ -40,7 +40,7 @@ def probe(trainer, split: str, every: int, K: int, key) -> dict:
     return {"tasks": len(tasks), "pass@1": float(success_GxK.mean()),
             f"pass@{K}": float(success_GxK.any(1).mean()),
             "mixed_reward_share": float((reward_GxK.std(1) > 0.01).mean()),
-            "reward": float(reward_GxK.mean()), **evaluation.behaviour(records)}
+            "reward": float(reward_GxK.mean()), **evaluation.behaviour(records, trainer.config.env)}
 
 
 def main():

@@ -13,8 +13,10 @@ import numpy as np
 
 from loopjax import report
 from loopjax.envs import scenario_id
+from loopjax.envs.registry import episode_behaviour
 from loopjax.metrics import MetricsWriter
 from loopjax.rollout.batch import Rollout
+from loopjax.rollout.records import ShownEpisode
 
 SPLITS = ("train", "dev", "test_normal", "test_challenge")
 HELD_OUT = ("dev", "test_normal")  # the held-out success the README and the benchmarks report
@@ -24,27 +26,27 @@ def split_index(split: str) -> int:
     return SPLITS.index(split) if split in SPLITS else 100 + sum(map(ord, split))
 
 
-def behaviour(records: list[Rollout]) -> dict:
-    """The paper's behaviour measures over episodes: API-doc lookups per episode, share of turns
-    whose code raised, turns per episode, share of episodes that walked a list's pages among those
-    whose task needs it (info's `needs_paging`), share that answered before reading any state."""
+def behaviour(records: list[Rollout], world: str) -> dict:
+    """Behaviour measures over episodes of `world`: the share of turns whose code raised, turns
+    per episode, and the world's own measures (`WorldEntry.behaviour`: for miniworld and AppWorld
+    API-doc lookups per episode, the share that answered before reading any state, the share
+    that walked a list's pages among episodes whose task needs it), each the mean over the
+    episodes that report it."""
     if not records:
         return {}
-    info = [r.info for r in records]
-    paging = [i["paginated"] for i in info if i.get("needs_paging")]
-    out = {"doc_lookups": float(np.mean([i["doc_lookups"] for i in info])),
-           "code_error_rate": float(np.sum([i["code_errors"] for i in info])
-                                    / max(1, np.sum([i["num_turns"] for i in info]))),
-           "turns": float(np.mean([i["num_turns"] for i in info])),
-           "answered_without_lookup": float(np.mean([i["answered_without_lookup"] for i in info]))}
-    if paging:
-        out["paginate_when_needed"] = float(np.mean(paging))
+    episodes = [r.episode for r in records]
+    out = {"code_error_rate": float(np.sum([e.code_errors for e in episodes])
+                                    / max(1, np.sum([e.num_turns for e in episodes]))),
+           "turns": float(np.mean([e.num_turns for e in episodes]))}
+    measured = [episode_behaviour(world, e) for e in episodes]
+    for name in dict.fromkeys(name for m in measured for name in m):
+        out[name] = float(np.mean([m[name] for m in measured if name in m]))
     return out
 
 
-def summarize(records: list[Rollout]) -> dict:
+def summarize(records: list[Rollout], world: str) -> dict:
     """TGC, SGC, mean reward, task and scenario counts and the behaviour measures of one
-    evaluation's episodes."""
+    evaluation's episodes of `world`."""
     if not records:
         return {"tgc": 0.0, "sgc": 0.0, "reward": 0.0, "num_tasks": 0, "num_scenarios": 0}
     scenarios: dict[str, bool] = {}
@@ -54,7 +56,8 @@ def summarize(records: list[Rollout]) -> dict:
     return {"tgc": float(np.mean([r.success for r in records])),
             "sgc": float(np.mean(list(scenarios.values()))),
             "reward": float(np.mean([r.reward for r in records])),
-            "num_tasks": len(records), "num_scenarios": len(scenarios), **behaviour(records)}
+            "num_tasks": len(records), "num_scenarios": len(scenarios),
+            **behaviour(records, world)}
 
 
 def held_out_tgc(summaries: dict[str, dict], splits=HELD_OUT) -> float:
@@ -80,13 +83,13 @@ def truncate_metrics(path: str, iteration: int) -> None:
     os.replace(tmp, path)
 
 
-def write_reports(run_dir: str, summary: dict, episodes: list[Rollout], max_episodes: int) -> None:
+def write_reports(run_dir: str, summary: dict, episodes: list[ShownEpisode],
+                  max_episodes: int) -> None:
     """summary.json, learning_curve.png, trajectories.html and the before/after table."""
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     report.learning_curve(run_dir)
-    views = [dict(e.info, task_id=e.task_id, reward=e.reward, success=e.success) for e in episodes]
-    report.trajectories_html(report.choose_episodes(views, max_episodes),
+    report.trajectories_html(report.choose_episodes(episodes, max_episodes),
                              os.path.join(run_dir, "trajectories.html"))
     with open(os.path.join(run_dir, "before_after.txt"), "w") as f:
         f.write(report.before_after_table(summary["before"], summary["after"]) + "\n")

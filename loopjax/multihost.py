@@ -28,6 +28,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
+from loopjax.rollout.batch import Rollout
+from loopjax.rollout.records import CollectionSummary
+
 
 def _process_of(devices_array) -> np.ndarray:
     return np.vectorize(lambda d: d.process_index, otypes=[int])(devices_array)
@@ -105,17 +108,15 @@ def allgather_objects(obj) -> list:
     return [pickle.loads(rows_PxN[p, :n].tobytes()) for p, n in enumerate(sizes_P)]
 
 
-def gather_rollouts(records: list, stats: dict) -> tuple[list, dict]:
-    """Every process's rollouts, in global episode order, and their merged collection stats."""
+def gather_rollouts(records: list[Rollout], summary: CollectionSummary
+                    ) -> tuple[list[Rollout], CollectionSummary]:
+    """Every process's rollouts, in global episode order, and their collection summaries merged
+    (`CollectionSummary.merged`)."""
     if jax.process_count() == 1:
-        return records, stats
-    parts = allgather_objects((records, stats))
+        return records, summary
+    parts = allgather_objects((records, summary))
     records = sorted((r for recs, _ in parts for r in recs), key=lambda r: r.index)
-    # Episodes cut and tokens add up; the hosts collect at the same time, so the slowest one's
-    # times count.
-    stats = {k: (sum if k == "cut" or k.endswith("tokens") else max)(s[k] for _, s in parts)
-             for k in parts[0][1]}
-    return records, stats
+    return records, CollectionSummary.merged([s for _, s in parts])
 
 
 def barrier(name: str) -> None:

@@ -1,7 +1,7 @@
 """Human-readable outputs of a run: learning-curve PNG, trajectory viewer HTML, before/after table.
 
-Everything here reads plain records (metrics.jsonl lines, episode dicts) so it works on a finished,
-crashed or still-running run alike, and on a machine without JAX.
+The curves read metrics.jsonl, so they work on a finished, crashed or still-running run alike;
+the viewer reads typed episodes (loopjax.rollout.records.ShownEpisode). Nothing here imports JAX.
 """
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import html
 import os
 import re
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from loopjax.metrics import MetricsWriter
+
+if TYPE_CHECKING:  # loopjax.rollout imports JAX; the viewer only reads the records' fields
+    from loopjax.rollout.records import ShownEpisode
 
 # Held-out points: eval/<split>/success, or eval/<split>/tgc (task goal completion, the same thing
 # under the paper's name, which is what loopjax.eval writes), and eval/<split>/reward.
@@ -157,25 +161,24 @@ def _success_cell(success) -> str:
     return '<span class="ok">yes</span>' if success else '<span class="bad">no</span>'
 
 
-def choose_episodes(episodes: list[dict], max_episodes: int) -> list[dict]:
+def choose_episodes(episodes: list[ShownEpisode], max_episodes: int) -> list[ShownEpisode]:
     """What the page shows: every held-out episode kept before and after LOOP (the pairs), then
     other evaluations, then training rollouts, up to `max_episodes` (the pairs always)."""
-    paired = [e for e in episodes if e.get("tag") in ("before LOOP", "after LOOP")]
-    chosen = paired + [e for e in episodes if e.get("tag") not in ("train", "before LOOP",
-                                                                   "after LOOP")]
+    paired = [e for e in episodes if e.tag in ("before LOOP", "after LOOP")]
+    chosen = paired + [e for e in episodes if e.tag not in ("train", "before LOOP", "after LOOP")]
     chosen = chosen[:max(max_episodes, len(paired))]
-    return chosen + [e for e in episodes if e.get("tag") == "train"][:max(0, max_episodes - len(chosen))]
+    return chosen + [e for e in episodes if e.tag == "train"][:max(0, max_episodes - len(chosen))]
 
 
-def trajectories_html(episodes: list[dict], out_path: str | os.PathLike,
+def trajectories_html(episodes: list[ShownEpisode], out_path: str | os.PathLike,
                       title: str = "loopjax trajectories") -> str:
     """Writes one static, self-contained page to read episodes, grouped by tag; returns its path.
 
     All text from episodes is escaped: agent output and environment replies are untrusted.
     """
-    by_tag: dict[str, list[tuple[int, dict]]] = defaultdict(list)
-    for index, episode in enumerate(episodes):
-        by_tag[str(episode.get("tag", "untagged"))].append((index, episode))
+    by_tag: dict[str, list[tuple[int, ShownEpisode]]] = defaultdict(list)
+    for index, shown in enumerate(episodes):
+        by_tag[shown.tag].append((index, shown))
 
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
@@ -185,22 +188,23 @@ def trajectories_html(episodes: list[dict], out_path: str | os.PathLike,
     parts.append('<table class="summary"><thead><tr><th>#</th><th>tag</th><th>split</th><th>task</th>'
                  "<th>iteration</th><th>reward</th><th>success</th><th>turns</th></tr></thead><tbody>")
     for tag, items in by_tag.items():
-        for index, episode in items:
+        for index, shown in items:
+            ep = shown.episode
             parts.append(
                 f'<tr><td><a href="#ep{index}">{index}</a></td><td>{_e(tag)}</td>'
-                f"<td>{_e(episode.get('split', ''))}</td>"
-                f'<td><a href="#ep{index}">{_e(episode.get("task_id", ""))}</a></td>'
-                f"<td>{_e(episode.get('iteration', ''))}</td>"
-                f"<td>{_format_reward(episode.get('reward'))}</td>"
-                f"<td>{_success_cell(episode.get('success'))}</td>"
-                f"<td>{_e(episode.get('num_turns', len(episode.get('turns', []))))}</td></tr>")
+                f"<td>{_e(shown.split)}</td>"
+                f'<td><a href="#ep{index}">{_e(ep.task_id)}</a></td>'
+                f"<td>{_e(shown.iteration)}</td>"
+                f"<td>{_format_reward(ep.result.reward)}</td>"
+                f"<td>{_success_cell(ep.result.success)}</td>"
+                f"<td>{_e(ep.num_turns)}</td></tr>")
     parts.append("</tbody></table>")
     parts.extend(_before_after_html(episodes))
     for section, (tag, items) in enumerate(by_tag.items()):
-        successes = sum(bool(episode.get("success")) for _, episode in items)
+        successes = sum(bool(shown.episode.result.success) for _, shown in items)
         parts.append(f'<section id="tag{section}"><h2>{_e(tag)} '
                      f"<small>({successes}/{len(items)} succeeded)</small></h2>")
-        parts.extend(_episode_html(index, episode) for index, episode in items)
+        parts.extend(_episode_html(index, shown) for index, shown in items)
         parts.append("</section>")
     parts.append("</body></html>")
 
@@ -211,13 +215,12 @@ def trajectories_html(episodes: list[dict], out_path: str | os.PathLike,
     return out_path
 
 
-def _before_after_html(episodes: list[dict]) -> list[str]:
+def _before_after_html(episodes: list[ShownEpisode]) -> list[str]:
     """The same held-out tasks before and after LOOP, side by side."""
     by_task: dict[tuple, dict] = defaultdict(dict)
-    for index, episode in enumerate(episodes):
-        tag = episode.get("tag")
-        if tag in ("before LOOP", "after LOOP"):
-            by_task[(episode.get("split"), episode.get("task_id"))][tag] = (index, episode)
+    for index, shown in enumerate(episodes):
+        if shown.tag in ("before LOOP", "after LOOP"):
+            by_task[(shown.split, shown.episode.task_id)][shown.tag] = (index, shown)
     pairs = [(k, v) for k, v in by_task.items() if len(v) == 2]
     if not pairs:
         return []
@@ -232,28 +235,29 @@ def _before_after_html(episodes: list[dict]) -> list[str]:
     return out
 
 
-def _format_reward(reward) -> str:
-    return f"{reward:.3f}" if isinstance(reward, (int, float)) else _e(reward if reward is not None else "")
+def _format_reward(reward: float) -> str:
+    return f"{float(reward):.3f}"
 
 
-def _episode_html(index: int, episode: dict, open_: bool = False, anchor: str = "ep") -> str:
-    status = "ok" if episode.get("success") else "bad"
-    head = (f'<span class="{status}">{"&#10004;" if episode.get("success") else "&#10008;"}</span> '
-            f"{_e(episode.get('task_id', ''))} &middot; {_e(episode.get('split', ''))} &middot; "
-            f"reward {_format_reward(episode.get('reward'))} &middot; "
-            f"{_e(episode.get('num_turns', len(episode.get('turns', []))))} turns &middot; "
-            f"iteration {_e(episode.get('iteration', ''))}")
+def _episode_html(index: int, shown: ShownEpisode, open_: bool = False, anchor: str = "ep") -> str:
+    ep = shown.episode
+    success = ep.result.success
+    status = "ok" if success else "bad"
+    head = (f'<span class="{status}">{"&#10004;" if success else "&#10008;"}</span> '
+            f"{_e(ep.task_id)} &middot; {_e(shown.split)} &middot; "
+            f"reward {_format_reward(ep.result.reward)} &middot; "
+            f"{_e(ep.num_turns)} turns &middot; iteration {_e(shown.iteration)}")
     out = [f'<details class="episode" id="{anchor}{index}"{" open" if open_ else ""}>'
            f"<summary>{head}</summary>",
-           '<p class="label">instruction</p>', f"<pre>{_e(episode.get('instruction', ''))}</pre>"]
-    for number, turn in enumerate(episode.get("turns", []), start=1):
+           '<p class="label">instruction</p>', f"<pre>{_e(ep.instruction)}</pre>"]
+    for number, turn in enumerate(ep.turns, start=1):
         out.append(f'<div class="turn"><h4>turn {number}</h4>')
-        out.append(f'<p class="label">assistant</p><pre>{_e(turn.get("assistant", ""))}</pre>')
-        if turn.get("code"):
-            out.append(f'<p class="label">executed code</p><pre>{_e(turn["code"])}</pre>')
-        out.append(f'<p class="label">output</p><pre class="output">{_e(turn.get("output", ""))}</pre>')
+        out.append(f'<p class="label">assistant</p><pre>{_e(turn.assistant)}</pre>')
+        if turn.code:
+            out.append(f'<p class="label">executed code</p><pre>{_e(turn.code)}</pre>')
+        out.append(f'<p class="label">output</p><pre class="output">{_e(turn.output)}</pre>')
         out.append("</div>")
-    passes, failures = episode.get("passes", []), episode.get("failures", [])
+    passes, failures = ep.result.passes, ep.result.failures
     out.append(f'<p class="label">unit tests: {len(passes)} passed, {len(failures)} failed</p>'
                '<ul class="tests">')
     out.extend(f'<li class="ok">{_e(test)}</li>' for test in passes)

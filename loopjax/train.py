@@ -2,7 +2,7 @@
 
     summary = train.run(config)      # what `python -m experiments.appworld_loop` calls
 
-One iteration (ALGORITHM.md): sample G training tasks -> K rollouts each with the current policy
+One iteration (docs/algorithm.md): sample G training tasks -> K rollouts each with the current policy
 (the sampler runs on the learner's own params) -> rewards -> A_k = R_k - mean_{i != k} R_i ->
 drop |A| < 0.01 -> `epochs_per_iteration` epochs of clipped-surrogate minibatch steps. The run
 starts with a warm start (SFT on ground-truth demonstrations) when the policy cannot act yet and
@@ -15,27 +15,29 @@ iteration ... -> evaluate -> reports; `run` is that loop.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from loopjax import eval as evaluation, memory, multihost
 from loopjax.checkpoint import Checkpointer, abstract_like, set_aside
 from loopjax.config import TrainConfig
-from loopjax.envs import ground_truth, list_tasks, make_env
+from loopjax.envs import Env, list_tasks, make_env
 from loopjax.loop import advantages, keep_mask, split_params
 from loopjax.loop.epochs import run_iteration
 from loopjax.loop.update import (TrainState, UpdateStep, init_train_state, make_optimizer,
                                  make_update_step)
 from loopjax.metrics import MetricsWriter, Timer, progress
+from loopjax.models.config import ModelConfig
+from loopjax.models.tokenizer import Tokenizer
 from loopjax.policy import build_policy
-from loopjax.rollout import EpisodeLimits, Rollout, collect
+from loopjax.rollout import CollectionSummary, EpisodeLimits, Rollout, ShownEpisode, collect
 from loopjax.sampling import engine as sampling_engine
 from loopjax.sampling.engine import SamplingEngine
 from loopjax.sharding import (initialize_distributed, make_mesh, microbatch_sharding,
@@ -51,23 +53,24 @@ TRAJECTORIES_HTML = 24  # evaluation episodes shown in trajectories.html
 class RunState:
     """What a run holds between its phases: the policy state, the sampler, environments, writers."""
     config: TrainConfig
-    mesh: Any
-    sampler_mesh: Any  # this host's devices (all of them on one host)
+    mesh: Mesh
+    sampler_mesh: Mesh  # this host's devices (all of them on one host)
     key: jax.Array
     is_main: bool
-    tokenizer: Any
-    model_config: Any
+    tokenizer: Tokenizer
+    model_config: ModelConfig
     train_tasks: list[str]
-    demo: Any  # the warm start's scripted agents (warmstart.scripted_agents)
+    # the warm start's scripted agents: task id -> ([(code written, code run)], careful)
+    demo: Callable[[str], tuple[list[tuple[str, str]], bool]]
     state: TrainState
     update_step: UpdateStep
     engine: SamplingEngine
-    envs: list
+    envs: list[Env]
     limits_train: EpisodeLimits
     limits_eval: EpisodeLimits
     ckpt: Checkpointer
     timer: Timer = dataclasses.field(default_factory=Timer)
-    shown: list[Rollout] = dataclasses.field(default_factory=list)  # for trajectories.html
+    shown: list[ShownEpisode] = dataclasses.field(default_factory=list)  # for trajectories.html
 
 
 def setup(config: TrainConfig) -> RunState:
@@ -121,16 +124,8 @@ def setup(config: TrainConfig) -> RunState:
                     limits["train"], limits["eval"], Checkpointer(ckpt_dir, keep=c.keep_checkpoints))
 
 
-@functools.lru_cache(maxsize=None)
-def needs_paging(world: str, task_id: str) -> bool:
-    """Whether the task's ground truth walks the pages of a list (False without one)."""
-    try:
-        return "page_index" in "\n".join(ground_truth(task_id, world))
-    except NotImplementedError:
-        return False
-
-
-def rollouts(rs: RunState, task_ids, groups, *, limits, key, temperature, desc, straggler=True):
+def rollouts(rs: RunState, task_ids, groups, *, limits, key, temperature, desc,
+             straggler=True) -> tuple[list[Rollout], CollectionSummary]:
     """Episodes of (task, group) pairs on the current policy; every process gets all of them, in
     request order."""
     c = rs.config
@@ -138,17 +133,14 @@ def rollouts(rs: RunState, task_ids, groups, *, limits, key, temperature, desc, 
     params, lora = multihost.local_view(split_params(rs.state.trainable, rs.state.base),
                                         rs.sampler_mesh)
     with progress(len(mine), desc, enabled=rs.is_main) as bar:
-        records, stats = collect(
+        records, summary = collect(
             rs.engine, params, lora, rs.envs, rs.tokenizer, [task_ids[i] for i in mine],
             [groups[i] for i in mine], limits, indices=mine,
             key=key, temperature=temperature, workers=c.env_workers, overlap=c.overlap_env,
             straggler_fraction=c.straggler_fraction if straggler else 1.0,
             straggler_task_fraction=c.straggler_task_fraction if straggler else 1.0,
             progress=bar.update)
-    records, stats = multihost.gather_rollouts(records, stats)
-    for r in records:
-        r.info["needs_paging"] = needs_paging(c.env, r.task_id)
-    return records, stats
+    return multihost.gather_rollouts(records, summary)
 
 
 def evaluate(rs: RunState, split: str, tag: str, iteration: int) -> dict:
@@ -162,11 +154,10 @@ def evaluate(rs: RunState, split: str, tag: str, iteration: int) -> dict:
         records, _ = rollouts(rs, tasks, list(range(len(tasks))), limits=rs.limits_eval, key=key,
                               temperature=EVAL_TEMPERATURE, desc=f"eval {split} ({tag})",
                               straggler=False)
-    for r in records:
-        r.info.update(split=split, tag=tag, iteration=iteration)
     shown = max(1, TRAJECTORIES_HTML // 6)  # evenly spaced: one of several templates
-    rs.shown += records[::max(1, len(records) // shown)][:shown]
-    return evaluation.summarize(records)
+    rs.shown += [ShownEpisode(r.episode, split, tag, iteration)
+                 for r in records[::max(1, len(records) // shown)][:shown]]
+    return evaluation.summarize(records, c.env)
 
 
 def warm_start(rs: RunState) -> None:
@@ -207,7 +198,7 @@ def warm_start(rs: RunState) -> None:
 
 
 def iteration(rs: RunState, it: int) -> dict:
-    """One LOOP iteration (ALGORITHM.md): G tasks x K rollouts, leave-one-out advantages, the
+    """One LOOP iteration (docs/algorithm.md): G tasks x K rollouts, leave-one-out advantages, the
     epochs of clipped-surrogate steps; returns the iteration's metrics."""
     c, u = rs.config, rs.config.update
     G, K = c.tasks_per_iteration, c.rollouts_per_task
@@ -217,15 +208,15 @@ def iteration(rs: RunState, it: int) -> dict:
     tasks = [rs.train_tasks[i] for i in
              rng.choice(len(rs.train_tasks), size=G, replace=G > len(rs.train_tasks))]
     with rs.timer("collect") as t_collect:
-        records, stats = rollouts(rs, [t for t in tasks for _ in range(K)],
-                                  [g for g in range(G) for _ in range(K)], limits=rs.limits_train,
-                                  key=jax.random.fold_in(key_it, 0), temperature=c.temperature,
-                                  desc=f"iteration {it} rollouts")
-    failed = [r for r in records if r.info.get("env_failure")]
+        records, summary = rollouts(rs, [t for t in tasks for _ in range(K)],
+                                    [g for g in range(G) for _ in range(K)],
+                                    limits=rs.limits_train, key=jax.random.fold_in(key_it, 0),
+                                    temperature=c.temperature, desc=f"iteration {it} rollouts")
+    failed = [r for r in records if r.episode.env_failure]
     if failed:  # the environment broke, not the policy: such rollouts carry no signal
         log.warning("%d rollouts dropped for environment failures, e.g. %s", len(failed),
-                    failed[0].info["env_failure"])
-        records = [r for r in records if not r.info.get("env_failure")]
+                    failed[0].episode.env_failure)
+        records = [r for r in records if not r.episode.env_failure]
     # Leave-one-out within each task, over the rollouts that finished (a task left with one
     # rollout has no baseline: A = 0).
     rewards = np.array([r.reward for r in records], np.float32)
@@ -235,22 +226,22 @@ def iteration(rs: RunState, it: int) -> dict:
         rs.state, history = run_iteration(
             rs.update_step, rs.state, records, adv, jax.random.fold_in(key_it, 1), c.epochs,
             progress=lambda n: progress(n, f"iteration {it} updates", enabled=rs.is_main))
-    generated = np.array([r.info["num_generated"] for r in records])
+    generated = np.array([r.num_generated for r in records])
     metrics = {
         "train/reward": rewards.mean(), "train/success": np.mean([r.success for r in records]),
-        **evaluation.prefixed(evaluation.behaviour(records), "train/"),
+        **evaluation.prefixed(evaluation.behaviour(records, c.env), "train/"),
         "train/generated_tokens": generated.mean(),
-        "train/episodes_cut": stats["cut"], "train/env_failures": len(failed),
+        "train/episodes_cut": summary.cut, "train/env_failures": len(failed),
         "adv/mean": adv.mean(), "adv/abs_mean": np.abs(adv).mean(), "adv/std": adv.std(),
         "adv/filtered_share": 1.0 - np.mean(keep_mask(adv, u.adv_min_abs, u.adv_positive_only)),
         "update/steps": len(history),
         "time/iteration_collect_s": t_collect.seconds, "time/iteration_update_s": t_update.seconds,
-        "time/iteration_generate_s": stats["generate_s"],
-        "time/iteration_env_wait_s": stats["env_wait_s"],
-        "sampler/prefill_tokens": stats["prefill_tokens"],
-        "sampler/prefill_shared_tokens": stats["prefill_shared_tokens"],
-        "sampler/kv_peak_bytes": stats["kv_peak_bytes"],
-        "time/tokens_per_s": generated.sum() / max(stats["generate_s"], 1e-9),
+        "time/iteration_generate_s": summary.generate_s,
+        "time/iteration_env_wait_s": summary.env_wait_s,
+        "sampler/prefill_tokens": summary.prefill_tokens,
+        "sampler/prefill_shared_tokens": summary.prefill_shared_tokens,
+        "sampler/kv_peak_bytes": summary.kv_peak_bytes,
+        "time/tokens_per_s": generated.sum() / max(summary.generate_s, 1e-9),
         "compiles/update": rs.update_step.num_compiles(),
         "compiles/sampler": sum(sampling_engine.TRACES.values()),
     }
@@ -260,8 +251,7 @@ def iteration(rs: RunState, it: int) -> dict:
             metrics[f"update/{k}"] = float(np.mean([h[k] for h in history]))
         metrics["update/stopped_on_kl"] = float(history[-1]["stopped_on_kl"])
         metrics["update/nan_skips"] = history[-1]["nan_skips"]
-    rs.shown += [dataclasses.replace(r, info=dict(r.info, split="train", tag="train", iteration=it))
-                 for r in records[:2]]
+    rs.shown += [ShownEpisode(r.episode, "train", "train", it) for r in records[:2]]
     return metrics
 
 

@@ -71,19 +71,21 @@ def _collect(policy, tasks, groups, engine=None, lora=None, **kw):
 def test_records_and_logprobs_match_the_learner(policy):
     tok, config, params, lora = policy
     tasks = ["t0", "t1", "t2", "t3", "t4", "t5"]
-    records, stats = _collect(policy, tasks, [0, 0, 0, 1, 1, 1], overlap=True)
-    assert [r.task_id for r in records] == tasks and stats["cut"] == 0
+    records, summary = _collect(policy, tasks, [0, 0, 0, 1, 1, 1], overlap=True)
+    assert [r.task_id for r in records] == tasks and summary.cut == 0
     for r in records:
         n = len(r.tokens)
         assert len(r.is_output) == len(r.logp) == len(r.turn_id) == n <= 1024
         # A random policy rarely writes a code block: its turns get the no-code reply, and the
         # episode ends at the interaction budget (or at complete_task after 2 code turns).
-        assert 1 <= r.info["num_turns"] <= 3
-        assert r.info["end_reason"] in ("complete_task", "max_interactions")
-        assert set(np.unique(r.turn_id[r.is_output]).tolist()) == set(range(1, r.info["num_turns"] + 1))
+        ep = r.episode
+        assert 1 <= ep.num_turns <= 3 and ep.task_id == r.task_id
+        assert ep.end_reason in ("complete_task", "max_interactions")
+        assert ep.result.reward == r.reward and ep.instruction == f"Do task {r.task_id}."
+        assert set(np.unique(r.turn_id[r.is_output]).tolist()) == set(range(1, ep.num_turns + 1))
         assert np.all(r.turn_id[~r.is_output] == 0)
         assert r.reward == (1.0 if r.task_id.endswith("0") else 0.5)
-    assert max(r.info["num_turns"] for r in records) > 1
+    assert max(r.episode.num_turns for r in records) > 1
 
     # The learner as the update step runs it: conversations packed two or more to a forward row,
     # split into 2 microbatches, attention in blocks of 32 queries, log-softmax 32 tokens at a time.
@@ -120,8 +122,8 @@ def test_prefix_cache_holds_one_collection_only(policy):
     _, first = _collect(policy, tasks, groups, engine=engine, overlap=False)
     other = jax.tree.map(lambda x: -x, lora)
     records, second = _collect(policy, tasks, groups, engine=engine, lora=other, overlap=False)
-    assert first["prefill_shared_tokens"] == second["prefill_shared_tokens"] > 0
-    assert first["prefill_tokens"] == second["prefill_tokens"]
+    assert first.prefill_shared_tokens == second.prefill_shared_tokens > 0
+    assert first.prefill_tokens == second.prefill_tokens
     for r in records:
         ref = np.asarray(token_logprobs(config, params, jnp.asarray(r.tokens[None]), lora=other))[0]
         assert np.abs(ref[r.is_output] - r.logp[r.is_output]).max() <= 1e-5
@@ -137,8 +139,9 @@ def test_same_key_same_rollouts_with_or_without_overlap(policy):
 
 def test_straggler_cut_and_env_failures(policy):
     tasks = [f"t{i}" for i in range(8)]
-    records, stats = _collect(policy, tasks, [i // 4 for i in range(8)], overlap=False,
-                              straggler_fraction=0.5, straggler_task_fraction=0.5)
-    assert len(records) + stats["cut"] == 8 and len(records) >= 4
+    records, summary = _collect(policy, tasks, [i // 4 for i in range(8)], overlap=False,
+                                straggler_fraction=0.5, straggler_task_fraction=0.5)
+    assert len(records) + summary.cut == 8 and len(records) >= 4
     records, _ = _collect(policy, ["broken0", "t1"], [0, 0], overlap=False)
-    assert records[0].info["env_failure"] == "server crashed" and records[1].info["env_failure"] is None
+    assert records[0].episode.env_failure == "server crashed"
+    assert records[1].episode.env_failure is None

@@ -201,8 +201,8 @@ def test_one_short_episode_through_the_collector(smol):
                             key=jax.random.key(0), temperature=0.0, workers=1, overlap=False)
     finally:
         env.close()
-    assert 1 <= rec.info["num_turns"] <= 2 and 0.0 <= rec.reward <= 1.0
-    assert 0 < rec.info["num_generated"] <= 48
+    assert 1 <= rec.episode.num_turns <= 2 and 0.0 <= rec.reward <= 1.0
+    assert 0 < rec.num_generated <= 48
     text = tok.decode(rec.tokens)
     assert text.startswith("<|im_start|>system\n") and "<|im_start|>assistant\n" in text
 

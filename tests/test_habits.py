@@ -2,14 +2,18 @@
 where the careful ones succeed, for the reason each habit names; and the behaviour measures read
 those habits back from an episode's code."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from loopjax import warmstart
-from loopjax.envs import demonstration, ground_truth, list_tasks, make_env
+from conftest import as_rollout
+from loopjax.envs import EvalResult, demonstration, ground_truth, list_tasks, make_env
+from loopjax.envs.base import EpisodeRecord, Turn
+from loopjax.envs.behaviour import code_habits
 from loopjax.envs.miniworld.scenario import V1_NAMES
-from loopjax.eval import held_out_tgc
-from loopjax.rollout.collector import behaviour
+from loopjax.eval import behaviour, held_out_tgc
 
 WORLD = "miniworld-tiny"
 
@@ -86,21 +90,46 @@ def test_held_out_tgc_weights_each_split_by_its_tasks():
     assert held_out_tgc({"dev": summaries["dev"]}) == 0.5
 
 
+def turns(*codes, output=""):
+    return tuple(Turn("", c, output) for c in codes)
+
+
 def test_behaviour_measures_read_the_habits_from_code():
-    def turns(*codes):
-        return [{"code": c, "output": ""} for c in codes]
-    b = behaviour(turns('print(apis.api_docs.show_api_descriptions(app_name="notes"))',
+    b = code_habits(turns('print(apis.api_docs.show_api_descriptions(app_name="notes"))',
                         'ns, page = [], 0\nwhile got := apis.notes.search_notes(query="x", '
                         'page_index=page):\n    ns, page = ns + got, page + 1\n'
                         'apis.supervisor.complete_task(answer=len(ns))'))
     assert b == {"doc_lookups": 1, "paginated": True, "answered_without_lookup": False}
-    blind = behaviour(turns("apis.supervisor.complete_task(answer=12)"))
+    blind = code_habits(turns("apis.supervisor.complete_task(answer=12)"))
     assert blind == {"doc_lookups": 0, "paginated": False, "answered_without_lookup": True}
     # A state read in an earlier turn counts as a lookup; one after the answer does not.
-    assert not behaviour(turns("x = apis.notes.search_notes(query='a')",
-                               "apis.supervisor.complete_task(answer=3)"))["answered_without_lookup"]
-    assert behaviour(turns("apis.supervisor.complete_task(answer=3)\n"
-                           "apis.notes.search_notes(query='a')"))["answered_without_lookup"]
+    assert not code_habits(turns("x = apis.notes.search_notes(query='a')",
+                                 "apis.supervisor.complete_task(answer=3)"))["answered_without_lookup"]
+    assert code_habits(turns("apis.supervisor.complete_task(answer=3)\n"
+                             "apis.notes.search_notes(query='a')"))["answered_without_lookup"]
+
+
+def test_the_worlds_behaviour_hook_and_its_means():
+    """miniworld's hook reports paging only for tasks whose ground truth pages; eval.behaviour
+    averages each measure over the episodes that report it, next to the generic ones (turns,
+    code-error rate); a world without a hook gets the generic ones only."""
+    pages = {t: "page_index" in "".join(ground_truth(t, WORLD)) for t in list_tasks(WORLD, "train")}
+    paged, flat = (next(t for t, p in pages.items() if p is want) for want in (True, False))
+    ok = EvalResult(1, ("t",), (), 1.0, True)
+    episodes = [EpisodeRecord(paged, "", turns("print(apis.api_docs.show_app_descriptions())",
+                                               "x = apis.notes.search_notes(page_index=0)"),
+                              "complete_task", ok),
+                EpisodeRecord(paged, "", turns("apis.supervisor.complete_task(answer=1)"),
+                              "complete_task", ok),
+                EpisodeRecord(flat, "", turns("1 / 0", output="Traceback: ZeroDivisionError"),
+                              "max_interactions", ok)]
+    records = [dataclasses.replace(as_rollout([1], [False], [0.0], [0]), episode=e)
+               for e in episodes]
+    assert behaviour(records, WORLD) == {
+        "code_error_rate": 1 / 4, "turns": 4 / 3, "doc_lookups": 1 / 3,
+        "answered_without_lookup": 1 / 3, "paginate_when_needed": 1 / 2}
+    assert behaviour(records, "a world no one registered") == {"code_error_rate": 1 / 4,
+                                                               "turns": 4 / 3}
 
 
 def test_rft_baseline_keeps_only_solved_rollouts_with_advantage_one():

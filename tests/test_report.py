@@ -9,8 +9,10 @@ import time
 import numpy as np
 import pytest
 
+from loopjax.envs.base import EpisodeRecord, EvalResult, Turn
 from loopjax.metrics import MetricsWriter, Timer, progress
-from loopjax.report import before_after_table, learning_curve, trajectories_html
+from loopjax.report import before_after_table, choose_episodes, learning_curve, trajectories_html
+from loopjax.rollout.records import ShownEpisode
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -141,12 +143,11 @@ def test_learning_curve_empty(tmp_path):
 # ----------------------------------------------------------------------------- trajectories_html
 
 def _episode(task_id, tag, success, output="ok"):
-    return {"task_id": task_id, "split": "dev", "iteration": 7, "instruction": "Pay Bob $5 & say <hi>",
-            "reward": 1.0 if success else 0.5, "success": success,
-            "passes": ["test_paid_bob"], "failures": [] if success else ["test_<b>note</b>_saved"],
-            "num_turns": 1, "tag": tag,
-            "turns": [{"assistant": "I will pay.\n```python\nprint(1)\n```", "code": "print(1)",
-                       "output": output}]}
+    result = EvalResult(2, ("test_paid_bob",), () if success else ("test_<b>note</b>_saved",),
+                        1.0 if success else 0.5, success)
+    turn = Turn("I will pay.\n```python\nprint(1)\n```", "print(1)", output)
+    record = EpisodeRecord(task_id, "Pay Bob $5 & say <hi>", (turn,), "complete_task", result)
+    return ShownEpisode(record, "dev", tag, 7)
 
 
 def test_trajectories_html_escapes_and_lists_everything(tmp_path):
@@ -165,6 +166,20 @@ def test_trajectories_html_escapes_and_lists_everything(tmp_path):
     assert "<h2>before LOOP" in page and "<h2>after LOOP" in page
     assert 'href="#ep0"' in page and 'id="ep0"' in page
     assert "http" not in page and "<link" not in page  # self-contained
+    assert "reward 0.500 &middot; 1 turns &middot; iteration 7" in page
+    # the same task before and after LOOP, side by side
+    pair = [_episode("pay_bob_1", "before LOOP", False), _episode("pay_bob_1", "after LOOP", True)]
+    page = open(trajectories_html(pair, tmp_path / "pair.html"), encoding="utf-8").read()
+    assert "The same tasks before and after LOOP" in page and 'id="pair0"' in page
+
+
+def test_choose_episodes_keeps_the_pairs_then_evaluations_then_training():
+    shown = ([_episode(f"t{i}", "train", True) for i in range(3)]
+             + [_episode("d", "during", True), _episode("p", "before LOOP", False),
+                _episode("p", "after LOOP", True)])
+    assert [(e.tag, e.episode.task_id) for e in choose_episodes(shown, 4)] == [
+        ("before LOOP", "p"), ("after LOOP", "p"), ("during", "d"), ("train", "t0")]
+    assert [e.tag for e in choose_episodes(shown, 1)] == ["before LOOP", "after LOOP"]
 
 
 def test_trajectories_html_empty(tmp_path):

@@ -9,13 +9,16 @@ An environment runs one episode at a time:
     ev = env.evaluate()                 # EvalResult(num_tests, passes, failures, reward, success)
     env.close()
 
-A world is described by a `WorldEntry` (how to make its env and list its tasks); the registry maps
-world names to entries, so another world (the real AppWorld, a user's own) plugs in with
-`register_world(name, WorldEntry(...))` without touching the callers.
+The environment loop (loopjax.rollout.collector) records each finished episode as an
+`EpisodeRecord` (its turns, unit-test results and end reason). A world is described by a
+`WorldEntry` (how to make its env and list its tasks, and its own behaviour measures over an
+`EpisodeRecord`); the registry maps world names to entries, so another world (the real AppWorld,
+a user's own) plugs in with `register_world(name, WorldEntry(...))` without touching the callers.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Protocol
 
 
@@ -60,6 +63,40 @@ class EvalResult:
     success: bool   # every test passed
 
 
+_ERROR_RE = re.compile(r"(Traceback|Error:|Exception:)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One agent turn of an episode."""
+
+    assistant: str  # what the agent wrote
+    code: str       # the code run from it ("" when it wrote none)
+    output: str     # the environment's reply
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeRecord:
+    """A finished episode as the environment loop saw it: what reports show and what a world's
+    behaviour measures read."""
+
+    task_id: str
+    instruction: str
+    turns: tuple[Turn, ...]
+    end_reason: str                 # complete_task, max_interactions, context_full, script_ended
+    result: EvalResult              # the final unit tests
+    env_failure: str | None = None  # set when the environment, not the agent, failed
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turns)
+
+    @property
+    def code_errors(self) -> int:
+        """Turns whose reply shows a Python error."""
+        return sum(bool(_ERROR_RE.search(t.output)) for t in self.turns)
+
+
 class Env(Protocol):
     """The episode interface (see the module docstring)."""
 
@@ -82,6 +119,9 @@ class WorldEntry:
     # (task_id, lookup=bool, paging=bool) -> [(code written, code run)]: scripted agents with
     # and without the habits the world rewards (the warm start's demonstrations)
     demonstration: Callable[..., list[tuple[str, str]]] | None = None
+    # episode -> {measure: value}: the world's behaviour measures of one episode (doc lookups,
+    # paging, ...); each is averaged over the episodes that report it (loopjax.eval.behaviour)
+    behaviour: Callable[[EpisodeRecord], dict[str, float]] | None = None
 
 
 def scenario_id(task_id: str) -> str:

@@ -11,7 +11,8 @@ AppWorld-format task suite that `python -m loopjax.envs.appworld_setup` builds o
 from __future__ import annotations
 
 from loopjax.envs import miniworld
-from loopjax.envs.base import Env, WorldEntry
+from loopjax.envs.base import Env, EpisodeRecord, WorldEntry
+from loopjax.envs.behaviour import api_behaviour
 
 
 def _appworld_env(**options) -> Env:  # imported on use: AppWorld is optional
@@ -48,9 +49,12 @@ def _synth_solution(task_id: str) -> list[str]:
 _WORLDS: dict[str, WorldEntry] = {  # the registry: world name -> entry
     **miniworld.WORLDS,
     # AppWorld's engine on APPWORLD_ROOT's data (AppWorld's own, or any AppWorld-format root)
-    "appworld": WorldEntry(_appworld_env, _appworld_tasks, _appworld_solution),
+    # (AppWorld's API names are the ones loopjax.envs.behaviour reads)
+    "appworld": WorldEntry(_appworld_env, _appworld_tasks, _appworld_solution,
+                           behaviour=api_behaviour(_appworld_solution)),
     # the same engine and adapter on the suite `python -m loopjax.envs.appworld_setup` built
-    "appworld-synth": WorldEntry(_synth_env, _synth_tasks, _synth_solution)}
+    "appworld-synth": WorldEntry(_synth_env, _synth_tasks, _synth_solution,
+                                 behaviour=api_behaviour(_synth_solution))}
 
 
 def register_world(name: str, entry: WorldEntry) -> None:
@@ -79,6 +83,13 @@ def ground_truth(task_id: str, world: str = "miniworld") -> list[str]:
     if entry.ground_truth is None:
         raise NotImplementedError(f"world {world!r} has no ground-truth solutions")
     return entry.ground_truth(task_id)
+
+
+def episode_behaviour(world: str, record: EpisodeRecord) -> dict[str, float]:
+    """The world's behaviour measures of one episode ({} for a world without them, or one that
+    is not registered: a user's own Env driven by the collector directly)."""
+    entry = _WORLDS.get(world)
+    return {} if entry is None or entry.behaviour is None else entry.behaviour(record)
 
 
 def demonstration(task_id: str, world: str, *, lookup: bool = True,

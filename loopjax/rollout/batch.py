@@ -1,6 +1,6 @@
 """The data between the stages: a finished episode (Rollout) and the learner's packed Batch.
 
-    rollouts, stats = collect(...)                       # loopjax.rollout.collector
+    rollouts, summary = collect(...)                     # loopjax.rollout.collector
     batch = pack_minibatch(rollouts, adv_N, M, T, pack=True, microbatches=U, multiple=dp)
     state, metrics = update_step(state, batch)           # loopjax.loop.update
 
@@ -19,11 +19,14 @@ import flax.struct
 import jax
 import numpy as np
 
+from loopjax.envs.base import EpisodeRecord
+
 
 @dataclasses.dataclass
 class Rollout:
     """One finished episode. The learner reads the token arrays, the reward and the group; the
-    behaviour measures, turns and unit-test results the reports show are in `info`."""
+    turns, unit-test results and end reason that reports and behaviour measures read are in
+    `episode`."""
     tokens: np.ndarray  # int32 [n]: the whole conversation, prompt included
     is_output: np.ndarray  # bool [n]: True on the tokens the policy generated (they carry the loss)
     logp: np.ndarray  # float32 [n]: behaviour log-probs of generated tokens (0 elsewhere)
@@ -33,7 +36,11 @@ class Rollout:
     task_id: str
     group: int  # which task of the iteration (rollouts of a group share a baseline)
     index: int = 0  # the episode's index in its collection (its PRNG identity)
-    info: dict = dataclasses.field(default_factory=dict)  # turns, passes, failures, behaviour, ...
+    episode: EpisodeRecord | None = None  # None for rollouts made without an environment
+
+    @property
+    def num_generated(self) -> int:
+        return int(np.sum(self.is_output))
 
 
 @flax.struct.dataclass

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import re
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
 from loopjax.agent import NO_CODE_MESSAGE, Conversation, extract_code, format_observation, react_messages
+from loopjax.envs.base import EpisodeRecord, EvalResult, Turn
 from loopjax.rollout.batch import Rollout
-
-_ERROR_RE = re.compile(r"(Traceback|Error:|Exception:)")
+from loopjax.rollout.records import CollectionSummary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,45 +45,20 @@ class Episode:
     group: int  # which task of the iteration (episodes of one group share a baseline)
     conv: Conversation | None = None
     instruction: str = ""
-    turns: list = dataclasses.field(default_factory=list)
+    turns: list[Turn] = dataclasses.field(default_factory=list)
     done: bool = False
     end_reason: str = ""
-    eval: object = None
+    eval: EvalResult | None = None
     slot: int = -1
     future: cf.Future | None = None
     env_failure: str | None = None  # set when the environment, not the agent, failed
 
     def record(self) -> Rollout:
-        arrays = self.conv.as_arrays()
-        info = dict(
-            passes=list(self.eval.passes), failures=list(self.eval.failures),
-            num_turns=len(self.turns), end_reason=self.end_reason, instruction=self.instruction,
-            env_failure=self.env_failure, turns=self.turns, num_tokens=len(self.conv.tokens),
-            num_generated=int(np.sum(arrays["is_output"])),
-            code_errors=sum(bool(_ERROR_RE.search(t["output"])) for t in self.turns),
-            **behaviour(self.turns))
-        return Rollout(**arrays, reward=float(self.eval.reward), success=bool(self.eval.success),
-                       task_id=self.task_id, group=self.group, index=self.index, info=info)
-
-
-_STATE_CALL_RE = re.compile(r"apis\.(?!supervisor\.|api_docs\.)\w+\.\w+\(")
-
-
-def behaviour(turns: list[dict]) -> dict:
-    """The paper's behaviour measures of one episode, from the code it ran: API-doc lookups,
-    whether it walked pages of a list (`page_index`), and whether it answered
-    (`complete_task(answer=...)`) before any app API call read the state."""
-    doc_lookups, looked, blind_answer = 0, False, False
-    for t in turns:
-        code = t["code"] or ""
-        doc_lookups += code.count("api_docs.")
-        at = code.find("complete_task(answer=")
-        if at >= 0 and not looked and not _STATE_CALL_RE.search(code[:at]):
-            blind_answer = True
-        looked = looked or bool(_STATE_CALL_RE.search(code))
-    return {"doc_lookups": doc_lookups,
-            "paginated": any("page_index" in (t["code"] or "") for t in turns),
-            "answered_without_lookup": blind_answer}
+        episode = EpisodeRecord(self.task_id, self.instruction, tuple(self.turns),
+                                self.end_reason, self.eval, self.env_failure)
+        return Rollout(**self.conv.as_arrays(), reward=float(self.eval.reward),
+                       success=bool(self.eval.success), task_id=self.task_id, group=self.group,
+                       index=self.index, episode=episode)
 
 
 def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[str],
@@ -92,15 +66,13 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
             workers: int = 8, overlap: bool = True, straggler_fraction: float = 1.0,
             straggler_task_fraction: float = 1.0,
             progress: Callable[[int], None] | None = None,
-            indices: Sequence[int] | None = None) -> tuple[list[Rollout], dict]:
+            indices: Sequence[int] | None = None) -> tuple[list[Rollout], CollectionSummary]:
     """Runs one episode per task id on the engine's slots (one env per slot, reused).
 
     Episode i samples with PRNG key fold_in(key, indices[i]) (default indices: 0, 1, ...), so its
     draws do not depend on which slot, batch or host it ran in: a host running a share of an
-    iteration's episodes passes their global indices. Returns (records of the finished episodes
-    in request order, stats: seconds spent in device steps and waiting for environments,
-    episodes cut as stragglers, prompt tokens prefilled and mapped from the prefix cache, and the
-    KV-cache pages held at most).
+    iteration's episodes passes their global indices. Returns (the finished episodes' Rollouts in
+    request order, the collection's CollectionSummary).
     """
     import jax  # noqa: PLC0415
 
@@ -114,7 +86,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
     by_slot: dict[int, Episode] = {}
     consumed: dict[int, int] = {}  # slot -> conversation tokens already handed to the engine
     finished: list[Episode] = []
-    stats = {"generate_s": 0.0, "env_wait_s": 0.0, "device_steps": 0}
+    generate_s, env_wait_s, device_steps = 0.0, 0.0, 0
     engine.reset_prefix_cache()  # cached prompt pages hold keys and values of earlier params
     engine.peak_pages = 0
     prefilled = engine.prefill_tokens, engine.prefill_shared_tokens
@@ -170,7 +142,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
             t0 = time.perf_counter()
             if pending and (not overlap or not engine.busy()):
                 cf.wait(pending, return_when=cf.ALL_COMPLETED if not overlap else cf.FIRST_COMPLETED)
-            stats["env_wait_s"] += time.perf_counter() - t0
+            env_wait_s += time.perf_counter() - t0
             for ep in sorted(by_slot.values(), key=lambda e: e.index):
                 if ep.future is not None and ep.future.done():
                     harvest(ep)
@@ -178,8 +150,8 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
                 continue
             t0 = time.perf_counter()
             gens = engine.step(params, lora) if overlap else engine.generate(params, lora)
-            stats["generate_s"] += time.perf_counter() - t0
-            stats["device_steps"] += 1
+            generate_s += time.perf_counter() - t0
+            device_steps += 1
             for g in gens:
                 ep = by_slot[g.slot]
                 # The engine holds the sampled ids itself (the last one is fed with the next
@@ -187,8 +159,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
                 consumed[g.slot] += len(g.ids)
                 ep.conv.add_generated([int(i) for i in g.ids], [float(x) for x in g.logps])
                 if g.stop_reason == "context_full":
-                    ep.turns.append({"assistant": ep.conv.text_of_turn(-1), "code": "",
-                                     "output": "(context full)"})
+                    ep.turns.append(Turn(ep.conv.text_of_turn(-1), "", "(context full)"))
                     finish(ep, "context_full")
                 else:
                     ep.future = pool.submit(step_episode, envs[g.slot], ep, tokenizer, limits)
@@ -199,11 +170,13 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
             engine.free(ep.slot)
         pool.shutdown(wait=True, cancel_futures=True)
     finished.sort(key=lambda e: e.index)
-    stats["cut"] = len(episodes) - len(finished)
-    stats["prefill_tokens"] = engine.prefill_tokens - prefilled[0]  # prompt tokens computed
-    stats["prefill_shared_tokens"] = engine.prefill_shared_tokens - prefilled[1]  # ... and mapped
-    stats["kv_peak_bytes"] = engine.pages_bytes(engine.peak_pages)
-    return [ep.record() for ep in finished], stats
+    summary = CollectionSummary(
+        generate_s=generate_s, env_wait_s=env_wait_s, device_steps=device_steps,
+        cut=len(episodes) - len(finished),
+        prefill_tokens=engine.prefill_tokens - prefilled[0],
+        prefill_shared_tokens=engine.prefill_shared_tokens - prefilled[1],
+        kv_peak_bytes=engine.pages_bytes(engine.peak_pages))
+    return [ep.record() for ep in finished], summary
 
 
 def _evaluate(env, ep: Episode):
@@ -241,7 +214,7 @@ def step_episode(env, ep: Episode, tokenizer, limits: EpisodeLimits, run: str | 
         output, done = res.output, res.done
     else:
         output, done = NO_CODE_MESSAGE, False
-    ep.turns.append({"assistant": text, "code": code, "output": output})
+    ep.turns.append(Turn(text, code, output))
     if done:
         return "complete_task"
     if len(ep.turns) >= limits.max_interactions:

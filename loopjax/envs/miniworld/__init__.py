@@ -8,6 +8,7 @@ can learn) and "miniworld" (all apps, logins, dozens of APIs). Use it through lo
     obs = env.reset(list_tasks("miniworld-tiny", "train")[0])
 """
 from loopjax.envs.base import WorldEntry
+from loopjax.envs.behaviour import api_behaviour
 from loopjax.envs.miniworld.env import MiniWorldEnv
 from loopjax.envs.miniworld.tasks import PRESETS, Preset, demonstration, ground_truth, task_ids
 
@@ -19,7 +20,8 @@ def _entry(preset: Preset) -> WorldEntry:
         make_env=lambda **options: MiniWorldEnv(preset, **options),
         list_tasks=lambda split: task_ids(preset, split),
         ground_truth=lambda task_id: ground_truth(preset, task_id),
-        demonstration=lambda task_id, **habits: demonstration(preset, task_id, **habits))
+        demonstration=lambda task_id, **habits: demonstration(preset, task_id, **habits),
+        behaviour=api_behaviour(lambda task_id: ground_truth(preset, task_id)))
 
 
 # One world per preset ("miniworld-tiny", "miniworld", ...), registered by loopjax.envs.registry.
