@@ -1,10 +1,11 @@
 """The learner's hand-written backward passes against plain autodiff, in float64.
 
-`loopjax.models.transformer` writes four backward passes itself, for speed: blocked (flash)
-attention, the LoRA delta, the log-probs under a frozen unembedding, and RMSNorm. Here the same
-model is written out plainly (dense masked attention, `x @ A @ B`, a full log-softmax, a plain
-RMSNorm), differentiated by `jax.grad`, and compared in float64 (x64 mode), where rounding is
-~1e-15 and any mistake shows. Both sides run jitted (one compile each, not one per eager op).
+`loopjax.models.kernels` writes five backward passes itself, for speed: blocked (flash)
+attention, the LoRA delta, the log-probs under a frozen unembedding, RMSNorm and SwiGLU. Here the
+same model is written out plainly (dense masked attention, `x @ A @ B`, a full log-softmax, a plain
+RMSNorm, silu(gate) * up), differentiated by `jax.grad`, and compared in float64 (x64 mode), where
+rounding is ~1e-15 and any mistake shows. Both sides run jitted (one compile each, not one per
+eager op).
 The building blocks the reference shares with the model (RoPE, the masked `attention` of the
 KV-cache path) are checked against transformers in test_models.py.
 """

@@ -10,10 +10,11 @@ import pytest
 
 from hf_fixtures import FAMILIES, hf_logits, make_checkpoint
 from loopjax.models.config import ModelConfig
+from loopjax.models.cpu_layout import FEW_ROWS, matmul_t, sampler_layout
 from loopjax.models.hf_io import load_hf_checkpoint, save_hf_checkpoint
+from loopjax.models.kv_cache import KVCache, init_cache
 from loopjax.models.lora import LoraConfig, init_lora, merge_lora
-from loopjax.models.transformer import (FEW_ROWS, KVCache, forward, init_cache, init_params,
-                                         matmul_t, sampler_layout, token_logprobs)
+from loopjax.models.transformer import forward, init_params, token_logprobs
 from loopjax.sharding import batch_sharding, make_mesh, param_shardings
 
 TOL = 1e-4
@@ -70,8 +71,9 @@ def test_parity_packed_segments(checkpoint, attention_chunk):
         tokens[0, start:start + n], segment_ids[0, start:start + n] = s[0], i + 1
         positions[0, start:start + n] = np.arange(n)
         start += n
-    ours = np.asarray(forward(config, params, jnp.asarray(tokens), positions_BxT=jnp.asarray(positions),
-                                                        segment_ids_BxT=jnp.asarray(segment_ids)))
+    ours = np.asarray(forward(config, params, jnp.asarray(tokens),
+                              positions_BxT=jnp.asarray(positions),
+                              segment_ids_BxT=jnp.asarray(segment_ids)))
     start = 0
     for s in seqs:
         n = s.shape[1]
@@ -80,8 +82,8 @@ def test_parity_packed_segments(checkpoint, attention_chunk):
 
     # token_logprobs: log-softmax of the reference logits at the previous position, 0 at segment starts.
     logp = np.asarray(token_logprobs(config, params, jnp.asarray(tokens),
-                                                                      positions_BxT=jnp.asarray(positions),
-                                                                      segment_ids_BxT=jnp.asarray(segment_ids)))
+                                     positions_BxT=jnp.asarray(positions),
+                                     segment_ids_BxT=jnp.asarray(segment_ids)))
     start = 0
     for s in seqs:
         n = s.shape[1]
@@ -174,7 +176,7 @@ def test_sharded_forward_equals_single_device(checkpoint):
     tokens = jnp.asarray(_tokens((4, 10)))
     single = forward(config, params, tokens)
     fn = jax.jit(lambda p, t: forward(config, p, t),
-                              in_shardings=(param_shardings(mesh, sharded), batch_sharding(mesh)))
+                 in_shardings=(param_shardings(mesh, sharded), batch_sharding(mesh)))
     out = fn(sharded, jax.device_put(tokens, batch_sharding(mesh)))
     np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-5)
 
@@ -202,7 +204,7 @@ def test_save_roundtrip_and_sharded_index(tmp_path):
     config, params = load_hf_checkpoint(str(path))
     tokens = _tokens((1, 8))
     np.testing.assert_allclose(forward(config, params, jnp.asarray(tokens)), hf_logits(model, tokens),
-                                                          atol=TOL)
+                               atol=TOL)
     out = tmp_path / "exported"
     save_hf_checkpoint(str(out), config, params)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -226,7 +228,7 @@ def test_remat_same_gradients():
     tokens = jnp.asarray(_tokens((2, 8), vocab=config.vocab_size))
     loss = lambda cfg: jax.grad(lambda p: token_logprobs(cfg, p, tokens).sum())(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-                              loss(config), loss(config.replace(remat=True)))
+                 loss(config), loss(config.replace(remat=True)))
 
 
 # ----------------------------------------------------------------------------- clear errors
