@@ -1,4 +1,5 @@
 """Every template of the suite, in build order (a new template goes at the end)."""
 import notes
+import phone, files
 
-TEMPLATES = (*notes.TEMPLATES,)
+TEMPLATES = (*notes.TEMPLATES, *phone.TEMPLATES, *files.TEMPLATES,)
