@@ -1,5 +1,8 @@
 """Every template of the suite, in build order (a new template goes at the end)."""
 import notes
 import phone, files
+import todoist
+import venmo
 
-TEMPLATES = (*notes.TEMPLATES, *phone.TEMPLATES, *files.TEMPLATES,)
+TEMPLATES = (*notes.TEMPLATES, *phone.TEMPLATES, *files.TEMPLATES,
+             *venmo.TEMPLATES, *todoist.TEMPLATES,)
