@@ -65,4 +65,16 @@ PRESETS = {
     # Same recipe at 7B (15.2 GB of bf16 weights): one 80 GB GPU, or a v4-8 / v5e-8 (with
     # --max_seq_len=16384 / 8192 for now, see above).
     "appworld-qwen2.5-7b": {**PAPER_APPWORLD, "update.microbatch_size": 2},
+    # The real AppWorld engine on the AppWorld-format suite (`python -m
+    # loopjax.envs.appworld_setup`), from scratch on two CPU cores: the default's small policy,
+    # warm-started on the ground truth's demonstrations (the suite has no careless scripted
+    # agents), with 1024-token rows for AppWorld's longer outputs. A pipeline check first: a
+    # 0.7M-parameter model learns little here. `--env appworld` with APPWORLD_ROOT runs the same
+    # on AppWorld's own data.
+    "appworld-synth": {
+        "env": "appworld-synth", "demo_careful": 1.0, "max_seq_len": 1024,
+        "epochs.buckets": (1024,), "max_obs_tokens": 192, "max_interactions_train": 6,
+        "max_interactions_eval": 6, "sft_steps": 200, "tasks_per_iteration": 8,
+        "rollouts_per_task": 4,
+    },
 }

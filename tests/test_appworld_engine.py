@@ -215,5 +215,22 @@ def test_episode_through_make_env(suite):
         e.close()
 
 
+def test_main_job_preset_runs_an_iteration(suite, tmp_path):
+    """`python -m experiments.appworld_loop --preset appworld-synth`, cut to one small
+    iteration: warm start on ground-truth demonstrations through the real engine, evaluation
+    before and after, one LOOP iteration, the run folder's files."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.appworld_loop", "--preset", "appworld-synth",
+           f"--run_dir={run_dir}", "--iterations=1", "--tasks_per_iteration=2",
+           "--rollouts_per_task=2", "--sft_steps=3", "--max_eval_tasks=2", "--eval_every=0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "test_challenge" in r.stdout and "iteration 1" in r.stderr
+    for name in ("metrics.jsonl", "trajectories.html", "before_after.txt"):
+        assert (run_dir / name).is_file(), name
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -97,12 +98,23 @@ def ensure_suite(inst: Installation, seed: int = 0, log=print) -> str:
     root = inst.root(suite_version(inst))
     if seed:
         root += f"-seed{seed}"
-    if not suite_ready(root):
-        log(f"[appworld] building the AppWorld-format task suite in {root}")
-        proc = subprocess.run([inst.python, BUILD_SCRIPT, "--root", root, "--seed", str(seed)],
-                              stdout=None, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            raise SetupError(f"building the suite failed:\n{proc.stderr[-3000:]}")
+    if suite_ready(root):
+        return root
+    log(f"[appworld] building the AppWorld-format task suite in {root}")
+    # Built aside and renamed into place: processes that start together (test workers, hosts
+    # on one disk) never see half a root, and the first to finish wins.
+    tmp = f"{root}.building-{os.getpid()}"
+    proc = subprocess.run([inst.python, BUILD_SCRIPT, "--root", tmp, "--seed", str(seed)],
+                          stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SetupError(f"building the suite failed:\n{proc.stderr[-3000:]}")
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process put its build there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not suite_ready(root):
+            raise
     return root
 
 
@@ -114,11 +126,14 @@ def setup(home: str | None = None, seed: int = 0, log=print) -> tuple[str, str]:
     return inst.python, ensure_suite(inst, seed, log)
 
 
-def installed(home: str | None = None) -> tuple[str, str] | None:
-    """(python, root) of a finished set-up, without building anything; None when there is none."""
+def installed(home: str | None = None, build: bool = True) -> tuple[str, str] | None:
+    """(python, root) of the set-up's venv and suite; None when there is no venv. A suite of an
+    older version is rebuilt for the current sources (seconds) unless build=False."""
     inst = Installation(home or default_home())
     if not venv_ready(inst):
         return None
+    if build:
+        return inst.python, ensure_suite(inst, log=lambda m: print(m, file=sys.stderr))
     root = inst.root(suite_version(inst))
     return (inst.python, root) if suite_ready(root) else None
 
@@ -132,7 +147,7 @@ def main(argv=None) -> int:
                         "set-up and exit (status 1 when there is none)")
     args = parser.parse_args(argv)
     try:
-        found = installed(args.home) if args.print else setup(args.home, args.seed)
+        found = installed(args.home, build=False) if args.print else setup(args.home, args.seed)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
