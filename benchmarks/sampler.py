@@ -160,7 +160,7 @@ def bench_loopjax(config, params, concurrency, P, N, steps):
                            max_new_tokens=N, temperature=1.0)
             t0 = time.perf_counter()
             engine._prefill(params, None, list(range(n)))
-            engine.k.block_until_ready()
+            engine.pool.k.block_until_ready()
             t1 = time.perf_counter()
             made = 0
             while engine.busy():

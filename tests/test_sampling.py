@@ -2,7 +2,7 @@
 sharded == single-device, bounded compiles, clear errors.
 
 All tests share one tiny Qwen2 checkpoint and the same engine shapes, so compiled programs are
-reused across tests (they are cached per config at module level in loopjax.sampling.engine).
+reused across tests (one Programs per config, loopjax.sampling.programs).
 """
 
 import jax
@@ -16,7 +16,6 @@ from loopjax.models.hf_io import load_hf_checkpoint
 from loopjax.models.lora import LoraConfig, init_lora
 from loopjax.models.transformer import token_logprobs
 from loopjax.sampling import CONTEXT_FULL, MAX_NEW, STOP, SamplingEngine, generate
-from loopjax.sampling import engine as engine_mod
 from loopjax.sampling.sample import sample_tokens
 from loopjax.sharding import make_mesh, param_shardings
 
@@ -256,14 +255,15 @@ def test_pages_follow_the_tokens_held(model):
     assert start < engine.num_pages <= SLOTS * MAX_LEN // PAGE
     _same_runs(solo, together[:1])
     for slot in range(SLOTS):  # the pages its positions need, and at most a decode call's more
-        held, length = engine.held[slot], engine.lengths[slot]
+        held, length = engine.pool.held[slot], engine.slots[slot].length
         assert -(-length // PAGE) <= held <= -(-(length + 16) // PAGE), (slot, held, length)
         engine.free(slot)
     # Every page is free again but those the prefix cache keeps (until its reset).
-    assert not engine._refs.any() and 0 < engine._cached.sum()
-    assert len(engine._free) == engine.num_pages - engine._cached.sum()
+    pool = engine.pool
+    assert not pool.refs.any() and 0 < pool.pinned.sum() == len(engine.tree)
+    assert pool.num_free() == engine.num_pages - pool.pinned.sum()
     engine.reset_prefix_cache()
-    assert len(engine._free) == engine.num_pages
+    assert pool.num_free() == engine.num_pages and len(engine.tree) == 0
     assert engine.peak_pages <= engine.num_pages
     assert engine.cache_bytes() == engine.num_pages * PAGE * engine.token_bytes()
 
@@ -288,7 +288,7 @@ def test_bounded_compiles_over_varied_prompts(model):
     config, params, _, _, _ = model
     engine = _engine(config)
     rng = np.random.default_rng(0)
-    before = dict(engine_mod.TRACES)
+    before = dict(engine.programs.traces)  # shared with earlier tests' engines of this config
     finished, key = 0, jax.random.key(9)
     for slot in range(SLOTS):  # continuous batching: refill each slot as soon as it frees up
         engine.add(slot, _prompt(int(rng.integers(1, 80)), slot), key=jax.random.fold_in(key, slot),
@@ -304,7 +304,7 @@ def test_bounded_compiles_over_varied_prompts(model):
                            key=jax.random.fold_in(key, started), max_new_tokens=int(rng.integers(1, 40)))
                 started += 1
     assert finished == 24
-    new = {k: engine_mod.TRACES[k] - before.get(k, 0) for k in ("prefill", "decode")}
+    new = {k: engine.programs.traces[k] - before.get(k, 0) for k in ("prefill", "decode")}
     # rows in {1, 2, 4} x cache windows in {64, 128} x pool sizes in {32, 64} pages (x prefill
     # chunks {16, 32}), some already compiled by earlier tests: a fixed bound, not one program
     # per prompt length.
