@@ -106,6 +106,21 @@ def build_task(task_id: str, template: suite.Template, inst: suite.Instance, wor
         f.write(solution_source(inst.solution))
 
 
+def add_api_docs(models) -> None:
+    """The api_docs app's own records (what apis.api_docs.show_* read): AppWorld's docs of every
+    app the agent sees."""
+    from appworld.collections.api_docs import ApiDocCollection
+
+    for app, docs in ApiDocCollection.build().items():
+        if app == "admin":
+            continue
+        for name, doc in docs.items():
+            models.api_docs.ApiDoc.create_save(
+                app_name_=app, api_name=name, path=doc["path"], method=doc["method"],
+                description=doc["description"], parameters=doc["parameters"],
+                response_schemas=doc["response_schemas"])
+
+
 def write_api_docs(data: str) -> None:
     """AppWorld's "standard" doc files, as ApiDocCollection.save writes them (its save also
     writes the openapi form, which needs a package AppWorld does not install)."""
@@ -143,6 +158,7 @@ def build(root: str, seed: int = 0, progress=print) -> dict:
     base = ModelCollection.load(to_db_home_path=":memory:base", from_db_home_path=":memory:base",
                                 load_apps=get_all_apps(), create_db=True)
     people.populate(base, world, seed)
+    add_api_docs(base)
     base.save(db_home_path=os.path.join(data, "base_dbs"), format="full",
               app_names=get_all_apps(), save_model_hashes=True)
     base.close()

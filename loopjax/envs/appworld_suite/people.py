@@ -125,7 +125,8 @@ def _phone_book(models, world: World, rng: random.Random) -> None:
     for p in world.people:
         models.phone.Contact.create_save(user_id=sid, first_name=p.first_name,
                                          last_name=p.last_name, email=p.email,
-                                         phone_number=p.phone_number, relationships=[p.relation])
+                                         phone_number=p.phone_number, relationships=[p.relation],
+                                         created_at=when(rng, 400))
     for p in rng.sample(world.people, 12):
         for _ in range(rng.randint(1, 3)):
             send_text(models, p, world.supervisor, f"see you at the {rng.choice(WORDS)}", when(rng))
@@ -144,7 +145,8 @@ def send_text(models, sender: Person, receiver: Person, message: str, at: dateti
 def _venmo(models, world: World, rng: random.Random) -> None:
     sid = user_id(models, "venmo", world.supervisor)
     for p in world.people[:20]:
-        models.venmo.Friendship.create_save(user_id=sid, friend_id=user_id(models, "venmo", p))
+        models.venmo.Friendship.create_save(user_id=sid, friend_id=user_id(models, "venmo", p),
+                                            created_at=when(rng, 400))
     for _ in range(25):
         p = rng.choice(world.people)
         a, b = (p, world.supervisor) if rng.random() < 0.5 else (world.supervisor, p)
@@ -171,18 +173,26 @@ def _notes(models, world: World, rng: random.Random) -> None:
 def _todoist(models, world: World, rng: random.Random) -> None:
     sid = user_id(models, "todoist", world.supervisor)
     for name in ("Home", "Work", "Errands", "Garden"):
-        project = models.todoist.Project.create_save(user_id=sid, name=name, color="blue")
+        at = when(rng, 300)
+        project = models.todoist.Project.create_save(user_id=sid, name=name, color="blue",
+                                                     created_at=at)
+        # todoist shows a project only to its collaborators, its owner included
+        models.todoist.ProjectCollaboratorLink.create_save(project_id=project.id, user_id=sid,
+                                                           created_at=at)
         for i in range(rng.randint(2, 4)):
             models.todoist.Task.create_save(project_id=project.id, user_id=sid,
                                             title=f"{rng.choice(WORDS)} {name.lower()} chore {i + 1}",
-                                            priority=rng.choice(("high", "medium", "low")), order_index=i)
+                                            priority=rng.choice(("high", "medium", "low")),
+                                            order_index=i, created_at=when(rng, 100))
 
 
 def _files(models, world: World, rng: random.Random) -> None:
     sid = user_id(models, "file_system", world.supervisor)
     home = f"/home/{world.supervisor.first_name.lower()}"
     for d in ("documents", "photos", "backups"):
-        models.file_system.Directory.create_save(path=f"{home}/{d}/", user_id=sid)
+        at = when(rng, 400)
+        models.file_system.Directory.create_save(path=f"{home}/{d}/", user_id=sid, created_at=at,
+                                                 updated_at=at)
         for i in range(rng.randint(1, 3)):
             at = when(rng)
             models.file_system.File.create_save(path=f"{home}/{d}/{rng.choice(WORDS)}_{i}.txt",
