@@ -36,6 +36,7 @@ A 4xx answer (a request for a world the server has not loaded) is an AppWorldErr
 from __future__ import annotations
 
 import ast
+import functools
 import itertools
 import json
 import logging
@@ -78,13 +79,22 @@ def appworld_root(root: str | None = None) -> str:
 def synth_installation() -> tuple[str, str]:
     """(AppWorld's venv python, the suite's root) of `python -m loopjax.envs.appworld_setup`;
     an explicit $APPWORLD_PYTHON wins over the set-up's venv."""
+    from loopjax.envs.appworld_setup import default_home  # noqa: PLC0415
+
+    return _synth_installation(default_home(), os.environ.get("APPWORLD_PYTHON"))
+
+
+@functools.cache
+def _synth_installation(home: str, python: str | None) -> tuple[str, str]:
+    # Looked up (and the suite built when stale) once per set-up and process: every env, task
+    # list and solution of a run reads it, and the lookup runs AppWorld's python.
     from loopjax.envs.appworld_setup import installed  # noqa: PLC0415
 
-    found = installed()
+    found = installed(home)
     if found is None:
         raise AppWorldUnavailable("the AppWorld-format suite is not set up (looked in "
                                   f"$LOOPJAX_APPWORLD_HOME or ~/.cache/loopjax/appworld).\n{INSTALL_HELP}")
-    return os.environ.get("APPWORLD_PYTHON", found[0]), found[1]
+    return found[0] if python is None else python, found[1]
 
 
 def task_difficulty(task_id: str, root: str | None = None) -> int:
@@ -140,10 +150,11 @@ def solution_cells(task_id: str, root: str | None = None) -> list[str]:
         raise AppWorldError(f"{path} defines no solution(apis, requester)")
     lines = source.splitlines()
     body = textwrap.dedent("\n".join(lines[fn.body[0].lineno - 1:fn.body[-1].end_lineno]))
+    body_lines = body.splitlines()
     cells, current = [], []
     for stmt in ast.parse(body).body:  # a cell ends at a blank line before a statement
         text = ast.get_source_segment(body, stmt, padded=False)
-        gap = current and body.splitlines()[stmt.lineno - 2].strip() == ""
+        gap = current and body_lines[stmt.lineno - 2].strip() == ""
         if gap:
             cells.append("\n".join(current))
             current = []

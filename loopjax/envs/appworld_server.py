@@ -102,13 +102,12 @@ def server_command(config: AppWorldConfig, root: str) -> list[str]:
         parts = shlex.split(custom) if isinstance(custom, str) else list(custom)
         return [p.replace("{root}", root) for p in parts]
     python = config.python or os.environ.get("APPWORLD_PYTHON")
-    if not python:
-        from loopjax.envs.appworld_setup import installed  # noqa: PLC0415 (optional set-up)
-        found = installed()
-        if found is None:
+    if not python:  # the set-up's venv, whatever root this server is for
+        from loopjax.envs.appworld_setup import venv_python  # noqa: PLC0415 (optional set-up)
+        python = venv_python()
+        if python is None:
             raise AppWorldUnavailable(f"no AppWorld to run: set APPWORLD_PYTHON (or "
                                       f"APPWORLD_SERVER_COMMAND).\n{INSTALL_HELP}")
-        python = found[0]
     python = os.path.expanduser(python)
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise AppWorldUnavailable(f"APPWORLD_PYTHON={python} is not an executable file.\n{INSTALL_HELP}")
@@ -253,11 +252,10 @@ class AppWorldServer:
             status, raw = self._request("POST", f"/{method}", json.dumps(body).encode(), timeout)
         except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out
             raise ServerCrash(f"/{method}: {type(e).__name__}: {e}") from None
+        text = raw.decode(errors="replace")[-2000:]
         if status >= 500:
-            text = raw.decode(errors="replace")[-2000:]
             raise ServerCrash(f"/{method} failed with HTTP {status}: {text}", answered=True)
         if status >= 400:
-            text = raw.decode(errors="replace")[-2000:]
             raise AppWorldError(f"AppWorld server rejected /{method} (HTTP {status}): {text}")
         try:
             return json.loads(raw)["output"]

@@ -126,6 +126,12 @@ def setup(home: str | None = None, seed: int = 0, log=print) -> tuple[str, str]:
     return inst.python, ensure_suite(inst, seed, log)
 
 
+def venv_python(home: str | None = None) -> str | None:
+    """AppWorld's venv python of the set-up, or None when there is none (builds nothing)."""
+    inst = Installation(home or default_home())
+    return inst.python if venv_ready(inst) else None
+
+
 def installed(home: str | None = None, build: bool = True) -> tuple[str, str] | None:
     """(python, root) of the set-up's venv and suite; None when there is no venv. A suite of an
     older version is rebuilt for the current sources (seconds) unless build=False."""

@@ -53,3 +53,13 @@ def collateral(models, allowed):
             if extra:
                 problems.append(f"{name} {record.id} changed in {sorted(extra)}")
     return problems
+
+
+def no_answer_and_only(test, models, allowed):
+    """The two closing tests of every task that asks for a change, not an answer (their names
+    are suite.WRITE_TESTS): complete_task got no answer, and nothing outside `allowed` (as in
+    collateral) changed."""
+    with test("no answer is given"):
+        test.case(given_answer(models), "==", None)
+    with test("nothing else changes"):
+        test.case(collateral(models, allowed), "==", [])

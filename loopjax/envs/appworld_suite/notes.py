@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import people
 from people import World
-from checks import added, collateral, given_answer, updated
-from suite import Instance, Template
+from checks import added, collateral, given_answer, no_answer_and_only, updated
+from suite import WRITE_TESTS, Instance, Template
 
 LOGIN = ("passwords = {{p['account_name']: p['password'] for p in "
          "apis.supervisor.show_account_passwords()}}\n"
@@ -48,17 +48,14 @@ def evaluate_create(test, public_data, private_data, main_user, models, ground_t
         test.case(note.content.strip(), "==", private_data.content)
         owner = models.end.simple_note.User.find_one(email=main_user.email)
         test.case(note.user_id, "==", owner.id)
-    with test("no answer is given"):
-        test.case(given_answer(models), "==", None)
-    with test("nothing else changes"):
-        test.case(collateral(models, {"simple_note.Note": {"add": True}}), "==", [])
+    no_answer_and_only(test, models, {"simple_note.Note": {"add": True}})
 
 
 NOTE_CREATE = Template(
     "notecreate", ("simple_note",), 1,
     (("exactly one note is added", "no_op_fail"),
      ("the note has the title and content asked for, for the supervisor", "no_op_fail"),
-     ("no answer is given", "no_op_pass"), ("nothing else changes", "no_op_pass")),
+     *WRITE_TESTS),
     make_create, evaluate_create)
 
 
@@ -72,9 +69,9 @@ def make_count(rng: random.Random, world: World) -> Instance:
         for i in range(n + rng.randint(2, 6)):
             at = people.when(rng, 60)
             tags = [tag] if i < n else [rng.choice(people.NOTE_TAGS)]
-            models.simple_note.Note.create_save(user_id=sid, title=f"{rng.choice(people.WORDS)} {i}",
-                                                content=rng.choice(people.WORDS), tags=tags,
-                                                created_at=at, updated_at=at)
+            models.simple_note.Note.create_save(
+                user_id=sid, title=f"{rng.choice(people.WORDS)} {i}",
+                content=rng.choice(people.WORDS), tags=tags, created_at=at, updated_at=at)
 
     instruction = f"How many of my simple_note notes are tagged \"{tag}\"?"
     solution = (login("simple_note", world),
@@ -130,17 +127,14 @@ def evaluate_append(test, public_data, private_data, main_user, models, ground_t
     with test("that note is the one asked for and now ends with the new line"):
         test.case(changed[0].title, "==", private_data.title)
         test.case(changed[0].content.strip(), "==", private_data.content)
-    with test("no answer is given"):
-        test.case(given_answer(models), "==", None)
-    with test("nothing else changes"):
-        test.case(collateral(models, {"simple_note.Note": {"content"}}), "==", [])
+    no_answer_and_only(test, models, {"simple_note.Note": {"content"}})
 
 
 NOTE_APPEND = Template(
     "noteappend", ("simple_note",), 1,
     (("exactly one note is updated", "no_op_fail"),
      ("that note is the one asked for and now ends with the new line", "no_op_fail"),
-     ("no answer is given", "no_op_pass"), ("nothing else changes", "no_op_pass")),
+     *WRITE_TESTS),
     make_append, evaluate_append)
 
 TEMPLATES = (NOTE_CREATE, NOTE_COUNT, NOTE_APPEND)

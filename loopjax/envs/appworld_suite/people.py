@@ -91,9 +91,10 @@ def populate(models, world: World, seed: int) -> None:
     rng = random.Random(seed + 1)
     everyone = (world.supervisor, *world.people)
     for p in everyone:
+        birthday = f"19{rng.randint(60, 99)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}"
         models.admin.MainUser.create_save(first_name=p.first_name, last_name=p.last_name,
                                           email=p.email, phone_number=p.phone_number,
-                                          birthday=f"19{rng.randint(60, 99)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}")
+                                          birthday=birthday)
     s = world.supervisor
     sup = models.supervisor.Supervisor.create_save(first_name=s.first_name, last_name=s.last_name,
                                                    email=s.email, phone_number=s.phone_number,
@@ -181,7 +182,8 @@ def _todoist(models, world: World, rng: random.Random) -> None:
                                                            created_at=at)
         for i in range(rng.randint(2, 4)):
             models.todoist.Task.create_save(project_id=project.id, user_id=sid,
-                                            title=f"{rng.choice(WORDS)} {name.lower()} chore {i + 1}",
+                                            title=f"{rng.choice(WORDS)} {name.lower()} chore "
+                                                  f"{i + 1}",
                                             priority=rng.choice(("high", "medium", "low")),
                                             order_index=i, created_at=when(rng, 100))
 

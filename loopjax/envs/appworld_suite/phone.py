@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import people
 from people import World
-from checks import added, collateral, given_answer
+from checks import added, no_answer_and_only
 from notes import ANSWER_TESTS, evaluate_answer_only, login
-from suite import Instance, Template
+from suite import WRITE_TESTS, Instance, Template
 
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 # A cell that finds a person's phone number in the supervisor's contacts by exact name.
@@ -55,11 +55,8 @@ def evaluate_text(test, public_data, private_data, main_user, models, ground_tru
         copies = added(models, "phone.UserTextMessage")
         test.case(sorted((c.global_text_message_id, c.user_id) for c in copies), "==",
                   sorted([(texts[0].id, me.id), (texts[0].id, them.id)]))
-    with test("no answer is given"):
-        test.case(given_answer(models), "==", None)
-    with test("nothing else changes"):
-        test.case(collateral(models, {"phone.GlobalTextMessage": {"add": True},
-                                      "phone.UserTextMessage": {"add": True}}), "==", [])
+    no_answer_and_only(test, models, {"phone.GlobalTextMessage": {"add": True},
+                                      "phone.UserTextMessage": {"add": True}})
 
 
 PHONE_TEXT = Template(
@@ -67,7 +64,7 @@ PHONE_TEXT = Template(
     (("exactly one text message is sent", "no_op_fail"),
      ("it goes from the supervisor to the person asked for, with the exact message", "no_op_fail"),
      ("the app's two copies of it, one for each side, are all else that is added", "no_op_fail"),
-     ("no answer is given", "no_op_pass"), ("nothing else changes", "no_op_pass")),
+     *WRITE_TESTS),
     make_text, evaluate_text)
 
 
@@ -155,17 +152,14 @@ def evaluate_alarm(test, public_data, private_data, main_user, models, ground_tr
         test.case(alarm.enabled, "==", True)
         owner = models.end.phone.User.find_one(phone_number=main_user.phone_number)
         test.case(alarm.user_id, "==", owner.id)
-    with test("no answer is given"):
-        test.case(given_answer(models), "==", None)
-    with test("nothing else changes"):
-        test.case(collateral(models, {"phone.Alarm": {"add": True}}), "==", [])
+    no_answer_and_only(test, models, {"phone.Alarm": {"add": True}})
 
 
 PHONE_ALARM = Template(
     "phonealarm", ("phone",), 2,
     (("exactly one alarm is added", "no_op_fail"),
      ("the alarm has the time, label, repeat days and snooze asked for, and is on", "no_op_fail"),
-     ("no answer is given", "no_op_pass"), ("nothing else changes", "no_op_pass")),
+     *WRITE_TESTS),
     make_alarm, evaluate_alarm)
 
 TEMPLATES = (PHONE_TEXT, PHONE_COUNT, PHONE_ALARM)

@@ -24,6 +24,8 @@ TASKS_PER_SCENARIO = 3
 # A seen template's scenarios, in order: two to train, one each to dev and test_normal.
 SEEN_SPLITS = ("train", "train", "dev", "test_normal")
 CHALLENGE_SCENARIOS = 4  # an unseen app's template: all its scenarios in test_challenge
+# The closing tests of a task that asks for a change (checks.no_answer_and_only runs them).
+WRITE_TESTS = (("no answer is given", "no_op_pass"), ("nothing else changes", "no_op_pass"))
 
 
 @dataclasses.dataclass(frozen=True)

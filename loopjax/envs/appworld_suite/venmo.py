@@ -10,10 +10,10 @@ import random
 from datetime import datetime, timedelta
 
 import people
-from checks import added, collateral, given_answer, updated
+from checks import added, no_answer_and_only, updated
 from notes import ANSWER_TESTS, evaluate_answer_only, login
 from people import World
-from suite import Instance, Template
+from suite import WRITE_TESTS, Instance, Template
 
 PURPOSES = ("dinner at Luigi's", "concert tickets", "rent share", "groceries", "cab to the airport",
             "birthday gift", "utility bill", "book club snacks", "ski trip", "movie night")
@@ -83,12 +83,9 @@ def evaluate_pay(test, public_data, private_data, main_user, models, ground_trut
         test.case(sorted(moved - {me.id, friend.id}), "==", [])
     with test("only the friend is notified"):
         test.case([n.user_id for n in added(models, "venmo.Notification")], "==", [friend.id])
-    with test("no answer is given"):
-        test.case(given_answer(models), "==", None)
-    with test("nothing else changes"):
-        test.case(collateral(models, {"venmo.Transaction": {"add": True},
+    no_answer_and_only(test, models, {"venmo.Transaction": {"add": True},
                                       "venmo.Notification": {"add": True},
-                                      "venmo.User": {"venmo_balance"}}), "==", [])
+                                      "venmo.User": {"venmo_balance"}})
 
 
 VENMO_PAY = Template(
@@ -97,7 +94,7 @@ VENMO_PAY = Template(
      ("it pays the friend the amount asked for, with the note, from the balance", "no_op_fail"),
      ("the two balances move by exactly that amount, no other balance moves", "no_op_fail"),
      ("only the friend is notified", "no_op_fail"),
-     ("no answer is given", "no_op_pass"), ("nothing else changes", "no_op_pass")),
+     *WRITE_TESTS),
     make_pay, evaluate_pay)
 
 
@@ -185,11 +182,8 @@ def evaluate_request(test, public_data, private_data, main_user, models, ground_
         test.case((asked[0].approved_at, asked[0].denied_at), "==", (None, None))
     with test("only the friend is notified"):
         test.case([n.user_id for n in added(models, "venmo.Notification")], "==", [friend.id])
-    with test("no answer is given"):
-        test.case(given_answer(models), "==", None)
-    with test("nothing else changes"):
-        test.case(collateral(models, {"venmo.PaymentRequest": {"add": True},
-                                      "venmo.Notification": {"add": True}}), "==", [])
+    no_answer_and_only(test, models, {"venmo.PaymentRequest": {"add": True},
+                                      "venmo.Notification": {"add": True}})
 
 
 VENMO_REQUEST = Template(
@@ -197,7 +191,7 @@ VENMO_REQUEST = Template(
     (("exactly one payment request is added", "no_op_fail"),
      ("it asks the friend for the amount, with the note, and is pending", "no_op_fail"),
      ("only the friend is notified", "no_op_fail"),
-     ("no answer is given", "no_op_pass"), ("nothing else changes", "no_op_pass")),
+     *WRITE_TESTS),
     make_request, evaluate_request)
 
 TEMPLATES = (VENMO_PAY, VENMO_TOTAL, VENMO_REQUEST)
