@@ -105,9 +105,25 @@ def _typo(cells, private):
     return out
 
 
+def _stray_change(root, task_id, apps):
+    """A cell that changes an app the task is not about: the right work plus it must fail."""
+    with open(os.path.join(root, "data", "tasks", task_id, "specs.json")) as f:
+        me = json.load(f)["supervisor"]
+    passwords = ("pw = {p['account_name']: p['password'] for p in "
+                 "apis.supervisor.show_account_passwords()}\n")
+    if "simple_note" not in apps:
+        return (passwords + f"t = apis.simple_note.login(username={me['email']!r}, "
+                "password=pw['simple_note'])['access_token']\n"
+                "apis.simple_note.create_note(title='stray', content='x', access_token=t)")
+    return (passwords + f"t = apis.phone.login(username={me['phone_number']!r}, "
+            "password=pw['phone'])['access_token']\n"
+            "apis.phone.create_alarm(time='07:00', access_token=t)")
+
+
 def test_wrong_solutions_fail(suite, env):
     """On one task per template: an answer off by one, or the values the check compares
-    written slightly wrong, or the right work without logging in, fails."""
+    written slightly wrong, or the right work without logging in, or the right work plus a
+    change in another app, fails."""
     _, root, info = suite
     for template in info["templates"]:
         task_id = f"{template}0_1"
@@ -122,6 +138,8 @@ def test_wrong_solutions_fail(suite, env):
                                         if isinstance(answer, (int, float)) else
                                         f"apis.supervisor.complete_task(answer={answer!r} + 'x')"])
         wrongs.append([c.replace("passwords[", "'wrong-password' or passwords[") for c in cells])
+        wrongs.append(cells[:-1] + [_stray_change(root, task_id, info["templates"][template])]
+                      + cells[-1:])
         wrongs = [w for w in wrongs if w != cells]  # a typo needs the values in the code
         assert len(wrongs) >= 2, (template, "too few mutations apply")
         for wrong in wrongs:
