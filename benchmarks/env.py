@@ -9,8 +9,9 @@
 - gt_episode_ms: a full ground-truth episode (reset, every turn, evaluate), tiny and full presets.
 - appworld (with --servers N, after `python -m loopjax.envs.appworld_setup`): ground-truth
   episodes of the AppWorld-format suite through the real engine, N servers stepped in parallel
-  threads (all cores): executes/s and episodes/min, beside miniworld's ground-truth episodes on
-  N envs in the same run (peer_miniworld_*).
+  threads (all cores): executes/s and episodes/min on loopjax's sandboxed server
+  (loopjax/envs/appworld_jail.py; goal: at least 0.7x), on AppWorld's own unsandboxed server
+  (peer_unsandboxed_*) and miniworld's ground-truth episodes on N envs, in the same run.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from loopjax.envs import ground_truth, list_tasks, make_env
+from loopjax.envs.appworld_server import UNSAFE_ENV
 
 
 def api_rate(n: int) -> tuple[float, float]:
@@ -70,12 +72,19 @@ def gt_episode_ms(world: str, n: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def parallel_episodes(world: str, servers: int, seconds: float) -> tuple[float, float]:
-    """(executes/s, episodes/min) of ground-truth episodes on `servers` envs in parallel."""
+def parallel_episodes(world: str, servers: int, seconds: float,
+                      unsandboxed: bool = False) -> tuple[float, float]:
+    """(executes/s, episodes/min) of ground-truth episodes on `servers` envs in parallel;
+    `unsandboxed`: AppWorld's own server (agent code in its process) instead of loopjax's."""
     tasks = [t for split in ("train", "dev") for t in list_tasks(world, split)]
     envs = [make_env(world) for _ in range(servers)]
-    for env in envs:  # servers up before the clock starts
-        env.reset(tasks[0])
+    if unsandboxed:
+        os.environ[UNSAFE_ENV] = "1"
+    try:
+        for env in envs:  # servers up before the clock starts
+            env.reset(tasks[0])
+    finally:
+        os.environ.pop(UNSAFE_ENV, None)
 
     def work(i: int) -> tuple[int, int]:
         env, steps, episodes, k = envs[i], 0, 0, i
@@ -111,9 +120,13 @@ def main() -> None:
     appworld = {}
     if args.servers:
         ex, ep = parallel_episodes("appworld-synth", args.servers, args.seconds)
+        uex, uep = parallel_episodes("appworld-synth", args.servers, args.seconds, unsandboxed=True)
         mex, mep = parallel_episodes("miniworld", args.servers, args.seconds)
         appworld = {"appworld_servers": args.servers, "appworld_executes_per_s": round(ex, 1),
                     "appworld_episodes_per_min": round(ep, 1),
+                    "peer_unsandboxed_appworld_executes_per_s": round(uex, 1),
+                    "peer_unsandboxed_appworld_episodes_per_min": round(uep, 1),
+                    "sandboxed_vs_unsandboxed": round(ex / uex, 2), "sandboxed_goal": 0.7,
                     "peer_miniworld_executes_per_s": round(mex, 1),
                     "peer_miniworld_episodes_per_min": round(mep, 1)}
     if hasattr(os, "sched_setaffinity"):

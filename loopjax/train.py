@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from loopjax import eval as evaluation, memory, multihost
+from loopjax import episodes, eval as evaluation, memory, multihost
 from loopjax.checkpoint import Checkpointer, abstract_like, set_aside
 from loopjax.config import TrainConfig
 from loopjax.envs import Env, list_tasks, make_env
@@ -38,7 +38,6 @@ from loopjax.models.config import ModelConfig
 from loopjax.models.tokenizer import Tokenizer
 from loopjax.policy import build_policy
 from loopjax.rollout import CollectionSummary, EpisodeLimits, Rollout, ShownEpisode, collect
-from loopjax.sampling import engine as sampling_engine
 from loopjax.sampling.engine import SamplingEngine
 from loopjax.sharding import (initialize_distributed, make_mesh, microbatch_sharding,
                               warn_cached_cpu_collectives)
@@ -157,6 +156,9 @@ def evaluate(rs: RunState, split: str, tag: str, iteration: int) -> dict:
     shown = max(1, TRAJECTORIES_HTML // 6)  # evenly spaced: one of several templates
     rs.shown += [ShownEpisode(r.episode, split, tag, iteration)
                  for r in records[::max(1, len(records) // shown)][:shown]]
+    if rs.is_main:
+        episodes.write(os.path.join(c.run_dir, episodes.FILE), records, c.env, split=split,
+                       tag=tag, iteration=iteration)
     return evaluation.summarize(records, c.env)
 
 
@@ -243,7 +245,7 @@ def iteration(rs: RunState, it: int) -> dict:
         "sampler/kv_peak_bytes": summary.kv_peak_bytes,
         "time/tokens_per_s": generated.sum() / max(summary.generate_s, 1e-9),
         "compiles/update": rs.update_step.num_compiles(),
-        "compiles/sampler": sum(sampling_engine.TRACES.values()),
+        "compiles/sampler": sum(rs.engine.programs.traces.values()),
     }
     if history:
         for k in ("loss", "grad_norm", "clip_fraction", "kl_k1", "kl_k3", "rows", "T",
@@ -252,6 +254,9 @@ def iteration(rs: RunState, it: int) -> dict:
         metrics["update/stopped_on_kl"] = float(history[-1]["stopped_on_kl"])
         metrics["update/nan_skips"] = history[-1]["nan_skips"]
     rs.shown += [ShownEpisode(r.episode, "train", "train", it) for r in records[:2]]
+    if rs.is_main:
+        episodes.write(os.path.join(c.run_dir, episodes.FILE), episodes.training_sample(records),
+                       c.env, split="train", tag="train", iteration=it + 1)
     return metrics
 
 
@@ -278,13 +283,16 @@ def run(config: TrainConfig) -> dict:
     c = config
     t_start = time.perf_counter()
     rs = setup(c)
-    metrics_path = os.path.join(c.run_dir, "metrics.jsonl")
+    logs = os.path.join(c.run_dir, "metrics.jsonl"), os.path.join(c.run_dir, episodes.FILE)
     meta = restore(rs)
     if rs.is_main:
-        if meta is None and os.path.exists(metrics_path):
-            os.remove(metrics_path)  # a fresh run in an old folder starts a fresh log
-        elif meta is not None:
-            evaluation.truncate_metrics(metrics_path, meta["iteration"])
+        if meta is None:  # a fresh run in an old folder starts fresh logs
+            for path in logs:
+                if os.path.exists(path):
+                    os.remove(path)
+        else:
+            evaluation.truncate_metrics(logs[0], meta["iteration"])
+            episodes.truncate(logs[1], meta["iteration"])
             log.info("resuming %s at iteration %d", c.run_dir, meta["iteration"])
         _write_config(c, rs.model_config, os.path.join(c.run_dir, "config.json"))
     writer = MetricsWriter(c.run_dir, enabled=rs.is_main)
@@ -318,7 +326,7 @@ def run(config: TrainConfig) -> dict:
     summary = {"before": meta["before"], "after": after, "run_dir": c.run_dir,
                "wall_s": time.perf_counter() - t_start,
                "compiles": {"update": rs.update_step.num_compiles(),
-                            "sampler": dict(sampling_engine.TRACES)}}
+                            "sampler": dict(rs.engine.programs.traces)}}
     if rs.is_main:
         evaluation.write_reports(c.run_dir, summary, rs.shown, TRAJECTORIES_HTML)
     for env in rs.envs:

@@ -36,7 +36,13 @@ with the AppWorld-format task suite built offline from the package's own apps:
     python -m loopjax.envs.appworld_setup
 and use it with `--env appworld-synth`. With AppWorld's own data (`appworld download data`),
 point the adapter at it: export APPWORLD_ROOT=/path/to/root APPWORLD_PYTHON=/path/to/venv/bin/python"""
-SERVE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "appworld_suite", "serve.py")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The server loopjax runs: agent code in an OS sandbox, evaluation in a process of its own.
+JAIL_SCRIPT = os.path.join(_HERE, "appworld_jail.py")
+# AppWorld's own app (agent code in the server's process, behind AppWorld's blocklist only): what
+# runs where the OS cannot sandbox and the user accepted the risk (LOOPJAX_UNSAFE_NO_OS_SANDBOX=1).
+SERVE_SCRIPT = os.path.join(_HERE, "appworld_suite", "serve.py")
+UNSAFE_ENV = "LOOPJAX_UNSAFE_NO_OS_SANDBOX"
 
 
 class AppWorldError(RuntimeError):
@@ -113,7 +119,11 @@ def server_command(config: AppWorldConfig, root: str) -> list[str]:
         raise AppWorldUnavailable(f"APPWORLD_PYTHON={python} is not an executable file.\n{INSTALL_HELP}")
     if not _has_appworld(python):
         raise AppWorldUnavailable(f"{python} cannot import appworld.\n{INSTALL_HELP}")
-    return [python, SERVE_SCRIPT, "--root", root, "--socket", "{socket}"]
+    unsafe = os.environ.get(UNSAFE_ENV, "") not in ("", "0")
+    if unsafe:
+        log.warning("%s is set: AppWorld runs agent code in its own server process, guarded only "
+                    "by its blocklist, beside the task's ground truth", UNSAFE_ENV)
+    return [python, SERVE_SCRIPT if unsafe else JAIL_SCRIPT, "--root", root, "--socket", "{socket}"]
 
 
 _LIVE_SERVERS: weakref.WeakSet = weakref.WeakSet()

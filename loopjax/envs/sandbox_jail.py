@@ -30,6 +30,7 @@ import sys
 SANDBOX_UID_BASE = 3_000_000_000  # worker uid = this + its host pid (unique while it lives)
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+CLONE_THREAD = 0x00010000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
@@ -49,13 +50,7 @@ DENIED_SYSCALLS = (
     "rt_tgsigqueueinfo pidfd_open pidfd_send_signal pidfd_getfd setsid setpgid "
     # namespaces, mounts, root
     "setns unshare mount umount2 pivot_root chroot move_mount open_tree fsopen fsmount fsconfig "
-    "fspick mount_setattr "
-    # file system changes and files opened for writing
-    "creat openat2 mknod mknodat chmod fchmod fchmodat fchmodat2 chown fchown lchown fchownat "
-    "unlink unlinkat rename renameat renameat2 mkdir mkdirat rmdir symlink symlinkat link linkat "
-    "truncate ftruncate fallocate utime utimes utimensat futimesat setxattr lsetxattr fsetxattr "
-    "removexattr lremovexattr fremovexattr memfd_create memfd_secret open_by_handle_at "
-    "name_to_handle_at inotify_init inotify_init1 fanotify_init "
+    "fspick mount_setattr open_by_handle_at name_to_handle_at memfd_secret "
     # the kernel's other doors
     "keyctl add_key request_key bpf perf_event_open userfaultfd io_uring_setup io_uring_enter "
     "io_uring_register kexec_load kexec_file_load init_module finit_module delete_module reboot "
@@ -64,6 +59,15 @@ DENIED_SYSCALLS = (
     # credentials
     "setuid setgid setreuid setregid setresuid setresgid setgroups setfsuid setfsgid capset "
     "msgget semget shmget mq_open").split()
+# File system changes and files opened for writing: denied too unless the sandbox's own mount view
+# is what confines them (`build_seccomp(file_changes=True)`: AppWorld's worker writes its outputs
+# to a tmpfs of its own).
+FILE_CHANGE_SYSCALLS = (
+    "creat openat2 mknod mknodat chmod fchmod fchmodat fchmodat2 chown fchown lchown fchownat "
+    "unlink unlinkat rename renameat renameat2 mkdir mkdirat rmdir symlink symlinkat link linkat "
+    "truncate ftruncate fallocate utime utimes utimensat futimesat setxattr lsetxattr fsetxattr "
+    "removexattr lremovexattr fremovexattr memfd_create inotify_init inotify_init1 "
+    "fanotify_init").split()
 # Open flags that write or create: open/openat with any of them fail.
 WRITE_FLAGS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND,
                getattr(os, "O_TMPFILE", 0) & ~getattr(os, "O_DIRECTORY", 0))
@@ -90,15 +94,15 @@ def _libc():
     return libc
 
 
-def _check(ret, what):
+def check(ret, what):
     if ret != 0:
         err = ctypes.get_errno()
         raise SandboxUnavailable(f"{what} failed: {os.strerror(err)} (errno {err})")
 
 
-def _mount(libc, src, target, fstype, flags, data=None):
+def mount(libc, src, target, fstype, flags, data=None):
     enc = (lambda s: None if s is None else s.encode())
-    _check(libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)),
+    check(libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)),
            f"mount {src or fstype} on {target}")
 
 
@@ -118,39 +122,52 @@ def _stdlib_dirs():
     return std, dyn
 
 
+def unshare(libc, user_namespace=False) -> bool:
+    """New mount (private), network, PID, IPC and UTS namespaces; returns whether they were
+    made as root (else inside a new user namespace mapping this uid only)."""
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    privileged = not user_namespace and os.geteuid() == 0 and libc.unshare(flags) == 0
+    if not privileged:  # an unprivileged user namespace gives the rights to set the rest up
+        uid, gid = os.geteuid(), os.getegid()
+        check(libc.unshare(flags | CLONE_NEWUSER), "unshare (user namespaces)")
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+    return privileged
+
+
+def pivot(libc, new_root: str) -> None:
+    """Makes the mount `new_root` the root and detaches the old one."""
+    os.mkdir(new_root + "/old")
+    check(libc.syscall(_SYS_PIVOT_ROOT, new_root.encode(), (new_root + "/old").encode()),
+           "pivot_root")
+    os.chdir("/")
+    check(libc.umount2(b"/old", MNT_DETACH), "umount of the old root")
+    os.rmdir("/old")
+
+
 def enter_namespaces(libc, user_namespace=False):
     """Unshare the namespaces and pivot into the minimal read-only root. Runs before the fork.
 
     As root the namespaces are made directly; otherwise (or with user_namespace) inside a new
     user namespace."""
     std, dyn = _stdlib_dirs()
-    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
-    privileged = not user_namespace and os.geteuid() == 0 and libc.unshare(flags) == 0
-    if not privileged:  # an unprivileged user namespace gives the rights to set the rest up
-        uid, gid = os.geteuid(), os.getegid()
-        _check(libc.unshare(flags | CLONE_NEWUSER), "unshare (user namespaces)")
-        _write("/proc/self/setgroups", "deny")
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-    _mount(libc, "tmpfs", ROOT, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16k,mode=0755")
+    privileged = unshare(libc, user_namespace)
+    mount(libc, "tmpfs", ROOT, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16k,mode=0755")
     os.mkdir(ROOT + "/python")
-    os.mkdir(ROOT + "/old")
-    _bind_ro(libc, std, ROOT + "/python")
+    bind_ro(libc, std, ROOT + "/python")
     if os.path.isdir(ROOT + "/python/site-packages"):  # third-party packages are not offered
-        _mount(libc, "tmpfs", ROOT + "/python/site-packages", "tmpfs",
+        mount(libc, "tmpfs", ROOT + "/python/site-packages", "tmpfs",
                MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k")
     if not dyn.startswith(std + os.sep):
         os.mkdir(ROOT + "/python-dynload")
-        _bind_ro(libc, dyn, ROOT + "/python-dynload")
+        bind_ro(libc, dyn, ROOT + "/python-dynload")
         dyn_inside = "/python-dynload"
     else:
         dyn_inside = "/python" + dyn[len(std):]
-    _check(libc.syscall(_SYS_PIVOT_ROOT, ROOT.encode(), (ROOT + "/old").encode()), "pivot_root")
-    os.chdir("/")
-    _check(libc.umount2(b"/old", MNT_DETACH), "umount of the old root")
-    os.rmdir("/old")
-    _mount(libc, None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+    pivot(libc, ROOT)
+    mount(libc, None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
            | MS_NOEXEC)
     sys.path[:] = ["/python", dyn_inside]
     sys.path_importer_cache.clear()
@@ -161,18 +178,18 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203,
                    "s390x": 217}.get(os.uname().machine, -1)
 
 
-def _bind_ro(libc, src, target):
-    _mount(libc, src, target, None, MS_BIND | MS_REC)
+def bind_ro(libc, src, target):
+    mount(libc, src, target, None, MS_BIND | MS_REC)
     st = os.statvfs(src)
     locked = (MS_NOSUID if st.f_flag & os.ST_NOSUID else 0) | \
         (MS_NODEV if st.f_flag & os.ST_NODEV else 0) | (MS_NOEXEC if st.f_flag & os.ST_NOEXEC else 0)
-    _mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+    mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
            | locked)
 
 
 def drop_privileges(libc, privileged, host_pid):
     """In the forked child: its own uid (when root) or no capabilities; never regain any."""
-    _check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if privileged:
         uid = SANDBOX_UID_BASE + host_pid
         os.setgroups([])
@@ -183,16 +200,19 @@ def drop_privileges(libc, privileged, host_pid):
             libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
         header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
         data = (ctypes.c_uint32 * 6)()
-        _check(libc.syscall(_SYS_CAPSET, header, data), "capset")
-    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        check(libc.syscall(_SYS_CAPSET, header, data), "capset")
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91, "riscv64": 91, "ppc64le": 184,
                "s390x": 185}.get(os.uname().machine, -1)
 
 
-def build_seccomp():
+def build_seccomp(file_changes: bool = False, threads: bool = False):
     """The syscall filter (see the module docstring), built (not loaded): `load()` loads it.
+    `file_changes`: allow writing and changing files (the mount view must confine them).
+    `threads`: allow clone with CLONE_THREAD (a thread of this process, never a new process);
+    clone3, whose flags a filter cannot read, then fails with ENOSYS, so libc falls back to clone.
 
     Built before the new root hides the host's libseccomp; fails if libseccomp is missing."""
     try:
@@ -212,18 +232,22 @@ def build_seccomp():
         raise SandboxUnavailable("seccomp_init failed")
     eperm = 0x00050000 | errno.EPERM  # SCMP_ACT_ERRNO(EPERM)
 
-    def rule(name, *cmps):
+    def rule(name, *cmps, action=eperm):
         nr = lib.seccomp_syscall_resolve_name(name.encode())
         if nr < 0:
             return
         arr = (_ArgCmp * max(len(cmps), 1))(*cmps)
-        ret = lib.seccomp_rule_add_array(ctx, eperm, nr, len(cmps), arr)
+        ret = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
         if ret != 0:
             raise SandboxUnavailable(f"seccomp rule for {name} failed ({ret})")
 
-    for name in DENIED_SYSCALLS:
-        rule(name)
-    for flag in WRITE_FLAGS:
+    for name in DENIED_SYSCALLS + ([] if file_changes else FILE_CHANGE_SYSCALLS):
+        if not (threads and name in ("clone", "clone3")):
+            rule(name)
+    if threads:
+        rule("clone", _ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))
+        rule("clone3", action=0x00050000 | errno.ENOSYS)
+    for flag in () if file_changes else WRITE_FLAGS:
         if flag:
             rule("open", _ArgCmp(1, SCMP_CMP_MASKED_EQ, flag, flag))
             rule("openat", _ArgCmp(2, SCMP_CMP_MASKED_EQ, flag, flag))

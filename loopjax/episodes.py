@@ -1,0 +1,76 @@
+"""A run's episodes as JSON lines anyone can read: episodes.jsonl beside trajectories.html.
+
+    write(path, rollouts, world, split="dev", tag="before LOOP", iteration=0)
+    for line in read(path): ...           # dicts, one per episode
+
+Every evaluation episode is written, and the first rollout of each training task of every
+iteration (one per group: a sample of what LOOP trained on). A line holds where the episode
+came from (split, tag, iteration, seed), the task and instruction, every turn (what the agent
+wrote, the code run, the reply), the end reason, the unit tests passed and failed, the reward,
+and the world's behaviour measures of that episode. A resumed run drops the lines past its
+checkpoint, as metrics.jsonl does, so no episode is written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+from loopjax.envs.registry import episode_behaviour
+from loopjax.rollout.batch import Rollout
+
+FILE = "episodes.jsonl"
+
+
+def line(rollout: Rollout, world: str, *, split: str, tag: str, iteration: int) -> dict:
+    """One episode as a JSON-ready dict."""
+    ep = rollout.episode
+    return {"split": split, "tag": tag, "iteration": iteration, "task_id": rollout.task_id,
+            "group": rollout.group, "instruction": ep.instruction,
+            "success": bool(rollout.success), "reward": float(rollout.reward),
+            "end_reason": ep.end_reason, "env_failure": ep.env_failure,
+            "generated_tokens": rollout.num_generated,
+            "turns": [dataclasses.asdict(t) for t in ep.turns],
+            "passes": list(ep.result.passes), "failures": list(ep.result.failures),
+            "behaviour": episode_behaviour(world, ep)}
+
+
+def write(path: str | os.PathLike, rollouts: Sequence[Rollout], world: str, *, split: str,
+          tag: str, iteration: int) -> None:
+    """Appends the episodes of `rollouts` (those with an EpisodeRecord) to `path`."""
+    with open(path, "a") as f:
+        for r in rollouts:
+            if r.episode is not None:
+                f.write(json.dumps(line(r, world, split=split, tag=tag, iteration=iteration))
+                        + "\n")
+
+
+def training_sample(rollouts: Sequence[Rollout]) -> list[Rollout]:
+    """The first rollout of each task (group) of an iteration, in group order."""
+    first: dict[int, Rollout] = {}
+    for r in rollouts:
+        first.setdefault(r.group, r)
+    return [first[g] for g in sorted(first)]
+
+
+def read(path: str | os.PathLike) -> Iterator[dict]:
+    with open(path) as f:
+        for text in f:
+            if text.strip():
+                yield json.loads(text)
+
+
+def truncate(path: str | os.PathLike, iteration: int) -> None:
+    """Keeps the episodes of iterations up to `iteration` (a resumed run writes the rest again).
+    The 'before LOOP' evaluation is iteration 0; training rollouts of iteration i are i + 1's
+    (written once its update is saved), as in metrics.jsonl."""
+    if not os.path.exists(path):
+        return
+    keep = [e for e in read(path) if e["iteration"] <= iteration]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for e in keep:
+            f.write(json.dumps(e) + "\n")
+    os.replace(tmp, path)
