@@ -41,6 +41,7 @@ import struct
 import sys
 import tempfile
 import time
+import traceback
 
 _here = os.path.dirname(os.path.abspath(__file__))
 # Run as a script, its folder comes first on sys.path, where loopjax's appworld.py would hide
@@ -214,7 +215,9 @@ def _fork(target, *args) -> tuple[int, int, int]:
             target(*args, to_child[0], from_child[1])
         except BaseException as e:  # noqa: BLE001 (reported to the server, which answers)
             try:
-                send(from_child[1], {"error": f"{type(e).__name__}: {e}", "sandbox": True})
+                where = traceback.extract_tb(e.__traceback__)[-3:]
+                send(from_child[1], {"error": f"{type(e).__name__}: {e} (at " + "; ".join(
+                    f"{os.path.basename(f.filename)}:{f.lineno} {f.line}" for f in where) + ")"})
             finally:
                 os._exit(3)
         os._exit(0)
@@ -372,12 +375,14 @@ def main(argv=None) -> int:
               "AppWorld's own server, guarded only by its blocklist, beside the ground truth, "
               "with LOOPJAX_UNSAFE_NO_OS_SANDBOX=1.", flush=True)
         return 3
-    server = Server(root)
+    server, parent = Server(root), os.getppid()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         with _UnixServer(args.socket, _handler(server)) as httpd:
             os.chmod(args.socket, 0o600)
-            httpd.serve_forever()
+            httpd.timeout = 1.0
+            while os.getppid() == parent:  # a trainer that was killed leaves no server behind
+                httpd.handle_request()
     finally:
         server.kill()
         os.rmdir(server.new_root)
