@@ -86,7 +86,8 @@ PRESETS = {
     # episode is 370-570 tokens). docs/appworld_smollm2.md has the runs and how the warm start
     # was chosen.
     "appworld-smollm2": {
-        **SMOLLM2, "env": "appworld-synth", "demo_careful": 1.0, "max_interactions_train": 6,
+        **SMOLLM2, "env": "appworld-synth", "demo_careful": 1.0, "sft_steps": 25,
+        "max_interactions_train": 6,
         "max_interactions_eval": 6, "max_new_tokens": 256,
     },
 }
