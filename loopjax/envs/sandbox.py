@@ -16,11 +16,16 @@ and returns a `CellResult`. It never raises and never hangs for anything the wor
 
 When a worker dies, times out or breaks the protocol it is killed (SIGKILL to its process group)
 and a fresh one takes its place. Variables are restored by REPLAYING the episode's earlier cells
-that finished, at the start of the NEXT cell and within that cell's time limit (a step never runs
-past `time_limit_s`, replay included). During the replay the API calls are NOT sent to the world
-again; they are answered from the log recorded when the cell first ran, so the world's state is
-untouched. If a replayed cell asks for a different call than the log holds, or the replay fails or
-runs out of time, replay stops there and the cell's output says which variables may be missing.
+that finished, at the start of the NEXT cell, under a budget of its own (`replay_budget`: the
+replayed cells' recorded run times, times REPLAY_SLOWDOWN, plus REPLAY_MARGIN_S, at most
+REPLAY_CAP_S); the next cell's `time_limit_s` starts after the replay, so slow earlier cells never
+use up the time of the cell that follows a crash. During the replay the API calls are NOT sent to
+the world again; they are answered from the log recorded when the cell first ran, so the world's
+state is untouched. If a replayed cell asks for a different call than the log holds, replay stops
+there and the cell's output says which variables may be missing. If the replay fails or runs past
+its budget, the sandbox cannot restore the episode: the cell is not run, its result carries
+`failure` (an environment failure, not the agent's), and every later cell gets the same until
+`reset()`.
 
 Where the OS sandbox cannot be set up (no user namespaces, no libseccomp, not Linux) `Sandbox()`
 raises `SandboxUnavailable` with the reason, unless the caller accepts the risk with
@@ -44,6 +49,14 @@ Handler = Callable[[str, str, dict], Any]
 UNSAFE_ENV = "LOOPJAX_UNSAFE_NO_OS_SANDBOX"
 MAX_DEPTH = 32         # nesting of any JSON value a worker sends
 MAX_NAME_CHARS = 200   # app and api names
+REPLAY_SLOWDOWN = 2.0  # a replayed cell may take this many times its recorded run time
+REPLAY_MARGIN_S = 1.0  # plus this, in all (a fresh worker's first imports, a loaded machine)
+REPLAY_CAP_S = 60.0    # and a replay never takes longer than this
+
+
+def replay_budget(seconds: list[float]) -> float:
+    """The wall-clock budget of a replay of cells that first ran for `seconds`."""
+    return min(REPLAY_SLOWDOWN * sum(seconds) + REPLAY_MARGIN_S, REPLAY_CAP_S)
 
 
 class HandlerError(Exception):
@@ -56,12 +69,14 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclasses.dataclass
 class CellResult:
-    """The outcome of one cell: printed output, error text (or None), whether the worker died."""
+    """The outcome of one cell: printed output, error text (or None), whether the worker died;
+    `failure` says why the sandbox could not go on with the episode (the cell did not run)."""
 
     output: str
     error: str | None
     crashed: bool = False
     calls: list = dataclasses.field(default_factory=list)
+    failure: str | None = None
 
     def observation(self) -> str:
         """The text an agent sees: output, then the error (if any)."""
@@ -149,9 +164,10 @@ class Sandbox:
         self.limits = limits
         self._worker: WorkerProcess | None = None
         self._spare: WorkerProcess | None = None
-        self.history: list[tuple[str, list]] = []  # (code, call log) of finished cells
-        self._replay: list[tuple[str, list]] = []  # cells to replay before the next cell runs
+        self.history: list[tuple[str, list, float]] = []  # (code, call log, s) of finished cells
+        self._replay: list[tuple[str, list, float]] = []  # to replay before the next cell runs
         self.argument_chars = 0  # API-call arguments sent this episode
+        self.failure: str | None = None  # why the episode cannot go on (a failed replay)
 
     def reset(self) -> None:
         """Forget all variables: switch to a fresh worker."""
@@ -159,7 +175,7 @@ class Sandbox:
             self._worker.kill()
         self._worker = self._spare or WorkerProcess(self.limits)
         self._spare = WorkerProcess(self.limits)
-        self.history, self._replay, self.argument_chars = [], [], 0
+        self.history, self._replay, self.argument_chars, self.failure = [], [], 0, None
 
     def close(self) -> None:
         for w in (self._worker, self._spare):
@@ -179,14 +195,21 @@ class Sandbox:
             raise TypeError(f"code must be a str, got {type(code).__name__}")
         if self._worker is None:
             self.reset()
+        if self.failure is not None:
+            return CellResult("", f"SandboxError: {self.failure}", crashed=True,
+                              failure=self.failure)
         calls: list = []
         try:
             self._worker.wait_ready()  # start-up is not the cell's time
         except WorkerGone as gone:
             self._fresh_worker()
             return CellResult("", f"SandboxError: {gone}; try again.", crashed=True)
-        deadline = time.monotonic() + self.limits.time_limit_s
-        note = self._restore(deadline) if self._replay else ""
+        note = self._restore() if self._replay else ""
+        if self.failure is not None:
+            return CellResult("", f"SandboxError: {self.failure}", crashed=True,
+                              failure=self.failure)
+        start = time.monotonic()
+        deadline = start + self.limits.time_limit_s  # the cell's own time, after any replay
 
         def logged(app, api, kwargs, size):
             entry = {"app": app, "api": api, "kwargs": kwargs, "ok": False}
@@ -222,7 +245,7 @@ class Sandbox:
             self._replay, self.history = self.history, []
             self._fresh_worker()
             return CellResult(note, f"SandboxError: {type(e).__name__}", crashed=True, calls=calls)
-        self.history.append((code, calls))
+        self.history.append((code, calls, time.monotonic() - start))
         output, error = cap_texts(note + output, error, self.limits.output_chars)
         return CellResult(output, error, calls=calls)
 
@@ -256,22 +279,27 @@ class Sandbox:
                                  " s limit and was stopped") from None
             raise
 
-    def _restore(self, deadline: float) -> str:
-        """Replay the cells of a crashed worker (within `deadline`); a note if that failed."""
+    def _restore(self) -> str:
+        """Replay the cells of a crashed worker within their own budget (`replay_budget`); a
+        note if a replay diverged. A replay that fails or runs past its budget sets `failure`."""
         replay, self._replay = self._replay, []
-        for i, (code, log) in enumerate(replay):
+        ran = sum(seconds for _, _, seconds in replay)
+        budget = replay_budget([seconds for _, _, seconds in replay])
+        deadline = time.monotonic() + budget
+        for i, (code, log, seconds) in enumerate(replay):
             replayer = _Replayer(log)
             try:
                 self._exec(code, replayer, deadline)
             except WorkerGone as gone:
                 self._fresh_worker()
-                try:
-                    self._worker.wait_ready()
-                except WorkerGone:
-                    pass
-                return (f"[the worker restarted; variables from cells {i + 1}.. could not be "
-                        f"restored: their replay failed ({str(gone).splitlines()[0]})]\n")
-            self.history.append((code, log))
+                why = (f"it ran past its {budget:.1f} s budget (the {len(replay)} cell(s) took "
+                       f"{ran:.1f} s when they first ran)" if time.monotonic() >= deadline
+                       else str(gone).splitlines()[0])
+                self.failure = (f"the worker restarted, and replaying the episode's earlier cells "
+                                f"to restore their variables failed in cell {i + 1}: {why}; the "
+                                "episode cannot go on")
+                return ""
+            self.history.append((code, log, seconds))
             if replayer.diverged:
                 return (f"[the worker restarted; variables were restored up to cell {i + 1} "
                         "(its replay diverged from the recorded API calls)]\n")

@@ -23,6 +23,11 @@ class MiniWorldEnv:
     The world's growth in one episode is capped: once it holds MAX_NEW_RECORDS more records than
     at the start, every further app API call fails with an ApiError that says so (the size of
     what one call and one episode may send is capped by the sandbox's limits).
+
+    When the sandbox cannot go on with an episode (the replay that restores variables after a
+    crash failed or ran past its budget), `failure` says why, the step ends the episode and
+    evaluate() gives reward 0 with the reason: an environment failure, which the collector
+    records on the episode (the trainer leaves such episodes out of the update).
     """
 
     def __init__(self, preset: tasks.Preset, limits: SandboxLimits | None = None, **limit_kw):
@@ -34,12 +39,14 @@ class MiniWorldEnv:
         self._initial: dict | None = None
         self._spec = None
         self.done = False
+        self.failure: str | None = None
 
     # -- Env protocol ---------------------------------------------------------------------------
     def reset(self, task_id: str) -> Observation:
         state, spec = tasks.build_task(self.preset, task_id)
         people, _ = tasks.base_state(self.preset)
         self._initial, self._spec, self.task_id, self.done = copy_state(state), spec, task_id, False
+        self.failure = None
         self.world = World(tasks.apps_of(self.preset), state, people, self.preset.auth)
         self._base_records = _num_records(state)
         self.sandbox.reset()
@@ -52,15 +59,21 @@ class MiniWorldEnv:
     def step(self, code: str) -> StepResult:
         """Run one cell of agent code; done once complete_task has been called."""
         self._need_episode()
-        if self.done:
+        if self.done and self.failure is None:
             return StepResult("The task is already completed; the episode is over.", True)
-        result = self.sandbox.run(code, self._handle)
+        result = self.sandbox.run(code, self._handle) if self.failure is None else None
+        if self.failure is not None or result.failure is not None:
+            self.failure = self.failure or result.failure
+            self.done = True
+            return StepResult(f"Environment failure: {self.failure}. The episode is over.", True)
         self.done = self.world.completed
         return StepResult(result.observation(), self.done)
 
     def evaluate(self) -> EvalResult:
         """Unit tests over the final state (see evaluator.py)."""
         self._need_episode()
+        if self.failure is not None:
+            return EvalResult(0, (), (f"environment failure: {self.failure}",), 0.0, False)
         spec, world = self._spec, self.world
         outcome = Outcome(self._initial, world.state,
                           None if not world.completed else world.answer, world.completed)

@@ -6,6 +6,7 @@ template combines.
 """
 from __future__ import annotations
 
+from loopjax.envs.miniworld.evaluator import same
 from loopjax.envs.miniworld.scenario import Gen, Scenario, TaskSpec, added_where, only, q
 from loopjax.envs.miniworld.scenarios_full import _event, _find_event, _find_song, _song
 from loopjax.envs.miniworld.scenarios_tiny import DONE, _find_note, _setup_note
@@ -36,9 +37,8 @@ def text_event_location(g: Gen) -> TaskSpec:
          f'message=e["location"])\n{DONE}'],
         [added_where("phone", "messages", f"a text to {p['name']} was sent",
                      receiver_name=p["name"]),
-         ("it says the location", lambda o: any(
-             e["location"].lower() in m["message"].lower() for m in o.added("phone", "messages")
-             if m["receiver_name"] == p["name"]))],
+         added_where("phone", "messages", "it says the location", receiver_name=p["name"],
+                     message=e["location"])],
         [only("phone", "messages", receiver_name=p["name"])])
 
 
@@ -70,8 +70,8 @@ def email_playlist(g: Gen) -> TaskSpec:
          added_where("email", "emails", "with the playlist's title", recipients=[p["email"]],
                      subject=pl["title"]),
          ("it lists every song", lambda o: any(
-             all(t in m["body"] for t in titles) for m in o.added("email", "emails")
-             if m["recipients"] == [p["email"]]))],
+             same([t for t in m["body"].splitlines() if t.strip()], titles)
+             for m in o.added("email", "emails") if m["recipients"] == [p["email"]]))],
         [only("email", "emails", recipients=[p["email"]])])
 
 
@@ -83,9 +83,7 @@ def note_order_total(g: Gen) -> TaskSpec:
         ['o = apis.shopping.search_orders(@shopping)[0]\n'
          f'apis.notes.create_note(@notes title={q(title)}, content=str(o["total"]))\n{DONE}'],
         [added_where("notes", "notes", "the note exists", title=title),
-         ("it has the total", lambda o2: any(
-             str(o["total"]) in n["content"] for n in o2.added("notes", "notes")
-             if n["title"] == title))],
+         added_where("notes", "notes", "it has the total", title=title, content=o["total"])],
         [only("notes", "notes", title=title)])
 
 

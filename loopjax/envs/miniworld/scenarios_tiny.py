@@ -203,9 +203,9 @@ def text_balance(g: Gen) -> TaskSpec:
          f"{DONE}"],
         [added_where("phone", "messages", f"a text to {p['name']} was sent",
                      receiver_name=p["name"]),
-         ("it says the balance", lambda o: any(
-             str(balance) in m["message"] for m in o.added("phone", "messages")
-             if m["receiver_name"] == p["name"]))],
+         # the whole text is the balance (a number: "512", "$512.00" and "512" are one)
+         added_where("phone", "messages", "it says the balance", receiver_name=p["name"],
+                     message=balance)],
         [only("phone", "messages", receiver_name=p["name"])])
 
 
