@@ -2,6 +2,7 @@
 rewards, run folder, bounded compiles, SIGKILL at random moments + --resume giving the same
 metrics as an uninterrupted run, and the RFT warm start and `adv_positive_only` in a run."""
 
+import collections
 import dataclasses
 import json
 import os
@@ -17,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from loopjax import episodes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small enough for CI, and a policy whose rollouts of one task earn different rewards (so LOOP
@@ -91,6 +94,18 @@ def test_run_folder_and_table(reference_run):
                     "train/code_error_rate", "train/turns"):
             assert key in m, key
     assert "eval/test_normal/tgc" in metrics[2] and "eval/test_normal/sgc" in metrics[10]
+    # episodes.jsonl: every evaluation episode (3 tasks before, during at 2/4/6/8, after) and the
+    # first rollout of each of an iteration's 6 tasks, with its turns and unit tests
+    eps = _episodes(run_dir)
+    counts = collections.Counter((e["tag"], e["iteration"]) for e in eps)
+    assert counts == {("before LOOP", 0): 3, ("after LOOP", 10): 3,
+                      **{("during", i): 3 for i in (2, 4, 6, 8)},
+                      **{("train", i): 6 for i in range(1, 11)}}, counts
+    for e in eps:
+        assert e["turns"] and set(e["turns"][0]) == {"assistant", "code", "output"}
+        assert len(e["passes"]) + len(e["failures"]) > 0 and e["end_reason"]
+    train = [e for e in eps if e["tag"] == "train"]
+    assert all(len({e["group"] for e in train if e["iteration"] == i}) == 6 for i in range(1, 11))
 
 
 def test_fresh_run_in_an_old_folder_sets_its_checkpoints_aside(reference_run, tmp_path):
@@ -166,6 +181,10 @@ def _trained(run_dir, step):
     return jax.tree.map(np.asarray, tree)
 
 
+def _episodes(run_dir):
+    return list(episodes.read(os.path.join(run_dir, episodes.FILE)))
+
+
 def _records(run_dir):
     """metrics.jsonl as a list of (step, sorted keys) in the order written (a resumed run that
     wrote an iteration twice has more records)."""
@@ -209,6 +228,7 @@ def test_sigkill_and_resume_match_uninterrupted(reference_run, tmp_path):
     assert restored == killed_at and all(n > 0 for n in restored), (restored, killed_at)
     ref, got = _metrics(ref_dir), _metrics(run_dir)
     assert _records(run_dir) == _records(ref_dir)
+    assert _episodes(run_dir) == _episodes(ref_dir)  # each episode once, as uninterrupted
     assert sorted(got) == sorted(ref)
     for step in ref:
         assert got[step].keys() == ref[step].keys(), step
