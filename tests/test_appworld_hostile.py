@@ -108,7 +108,8 @@ def attempts(h):
         "forge_changes_attach": (FORGE.format(touch=h["touch"]), "RESULT 'forged'"),
         "ground_truth_in_memory": ("_try(lambda: [type(o).__name__ for o in _imp('gc').get_objects() "
                                    "if type(o).__name__ == 'GroundTruth' or (type(o).__name__ == 'Task' "
-                                   "and o.ground_truth is not None)])", "RESULT []"),
+                                   "and type(o).__module__ == 'appworld.task' and o.ground_truth is not "
+                                   "None)])", "RESULT []"),
         "garbage_on_fds": ("_try(_spray_fds)", ""),
     }
 

@@ -35,10 +35,8 @@ import json
 import os
 import resource
 import select
-import shutil
 import signal
 import socketserver
-import sqlite3
 import struct
 import sys
 import tempfile
@@ -61,6 +59,7 @@ def _sibling(name: str):
 
 jail = _sibling("sandbox_jail")
 evaluation = _sibling("appworld_evaluation")
+cache = _sibling("appworld_cache")
 
 OUTPUTS_MB = 64  # the episode's tmpfs for AppWorld's outputs (its DBs' changes, logs)
 MEMORY_MB = 4096  # RLIMIT_AS of an episode
@@ -343,39 +342,6 @@ class _UnixServer(socketserver.UnixStreamServer):
         return conn, ("local", 0)
 
 
-def warm_up(root: str) -> None:
-    """Builds and closes one world (no ground truth, outputs thrown away) so that what AppWorld
-    caches across worlds in a process (the apps' modules and API routes, the base DBs, as
-    in-memory copies) is in this server's memory, which every episode starts from: a start-up of
-    about 3 s per episode becomes a fork. Nothing of a ground truth is read."""
-    import appworld.apps.model_lib as model_lib
-    from appworld.environment import AppWorld
-    copies: dict = {}
-
-    def base_db(path: str) -> sqlite3.Connection:
-        """A base DB as an in-memory copy (AppWorld keeps the file open, read-write, for the
-        life of the process: every fork would hold a writable descriptor of it)."""
-        if path not in copies:
-            source = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            copies[path] = sqlite3.connect(":memory:", check_same_thread=False)
-            source.backup(copies[path])
-            source.close()
-        return copies[path]
-    model_lib.get_direct_cached_sqlite3_connection = base_db
-    task_id = sorted(os.listdir(os.path.join(root, "data", "tasks")))[0]
-    experiment = f"loopjax-warm-up-{os.getpid()}"
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    saved = os.dup(1)
-    os.dup2(devnull, 1)  # AppWorld prints its safety warnings
-    try:
-        AppWorld(task_id=task_id, experiment_name=experiment, load_ground_truth=False).close()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
-        shutil.rmtree(os.path.join(root, "experiments", "outputs", experiment), ignore_errors=True)
-
-
 def probe(root: str) -> str | None:
     """Why an episode cannot be sandboxed here, or None: a child enters the sandbox and exits."""
     def enter(_root, rfd, wfd):
@@ -401,7 +367,7 @@ def main(argv=None) -> int:
     os.environ["APPWORLD_ROOT"] = root
     os.chdir(root)
     import appworld.evaluator  # noqa: F401 (imported once: every fork starts with it)
-    warm_up(root)
+    cache.warm_up(root)
     problem = probe(root)
     if problem:
         print(f"agent code cannot be sandboxed on this machine: {problem}. loopjax runs AppWorld's "
