@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from experiments.appworld_loop import resolve
-from loopjax import episodes, eval as evaluation, train
+from loopjax import episodes, train
+from loopjax import eval as evaluation
 from loopjax.envs import list_tasks
 
 OWN = {"samples": 4, "splits": "train,dev", "every": 1, "out": ""}
@@ -61,8 +62,8 @@ def main(argv=None) -> dict:
     if K < 2 or every < 1:
         raise SystemExit("error: --samples must be >= 2 and --every >= 1")
     config = resolve(rest)
-    config = dataclasses.replace(config, resume=False,
-                                 run_dir=os.path.join(config.run_dir, f"headroom-sft{config.sft_steps}"))
+    run_dir = os.path.join(config.run_dir, f"headroom-sft{config.sft_steps}")
+    config = dataclasses.replace(config, resume=False, run_dir=run_dir)
     t0 = time.perf_counter()
     rs = train.setup(config)
     with rs.timer("warm_start"):
@@ -73,15 +74,15 @@ def main(argv=None) -> dict:
         os.remove(path)
     for split in own["splits"].split(","):
         tasks = list_tasks(config.env, split)[::every]
-        rs.config = dataclasses.replace(config, max_eval_tasks=0)
         greedy_records, _ = train.rollouts(
             rs, tasks, list(range(len(tasks))), limits=rs.limits_eval,
             key=jax.random.fold_in(rs.key, 7), temperature=train.EVAL_TEMPERATURE,
             desc=f"greedy {split}", straggler=False)
         episodes.write(path, greedy_records, config.env, split=split, tag="greedy", iteration=0)
         records, _ = train.rollouts(
-            rs, [t for t in tasks for _ in range(K)], [g for g in range(len(tasks)) for _ in range(K)],
-            limits=rs.limits_train, key=jax.random.fold_in(rs.key, 11), temperature=config.temperature,
+            rs, [t for t in tasks for _ in range(K)],
+            [g for g in range(len(tasks)) for _ in range(K)], limits=rs.limits_train,
+            key=jax.random.fold_in(rs.key, 11), temperature=config.temperature,
             desc=f"sampled {split}", straggler=False)
         episodes.write(path, records, config.env, split=split, tag=f"sampled x{K}", iteration=0)
         out["splits"][split] = {"greedy": evaluation.summarize(greedy_records, config.env),

@@ -1,7 +1,7 @@
 """A run's episodes as JSON lines anyone can read: episodes.jsonl beside trajectories.html.
 
     write(path, rollouts, world, split="dev", tag="before LOOP", iteration=0)
-    for line in read(path): ...           # dicts, one per episode
+    for line in read(path): ...           # dicts, one per episode (a torn last line skipped)
 
 Every evaluation episode is written, and the first rollout of each training task of every
 iteration (one per group: a sample of what LOOP trained on). A line holds where the episode
@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from loopjax.envs.registry import episode_behaviour
+from loopjax.metrics import read_jsonl, rewrite_jsonl
 from loopjax.rollout.batch import Rollout
 
 FILE = "episodes.jsonl"
@@ -55,22 +56,13 @@ def training_sample(rollouts: Sequence[Rollout]) -> list[Rollout]:
     return [first[g] for g in sorted(first)]
 
 
-def read(path: str | os.PathLike) -> Iterator[dict]:
-    with open(path) as f:
-        for text in f:
-            if text.strip():
-                yield json.loads(text)
+def read(path: str | os.PathLike) -> list[dict]:
+    return read_jsonl(path)
 
 
 def truncate(path: str | os.PathLike, iteration: int) -> None:
     """Keeps the episodes of iterations up to `iteration` (a resumed run writes the rest again).
     The 'before LOOP' evaluation is iteration 0; training rollouts of iteration i are i + 1's
     (written once its update is saved), as in metrics.jsonl."""
-    if not os.path.exists(path):
-        return
-    keep = [e for e in read(path) if e["iteration"] <= iteration]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        for e in keep:
-            f.write(json.dumps(e) + "\n")
-    os.replace(tmp, path)
+    if os.path.exists(path):
+        rewrite_jsonl(path, [e for e in read_jsonl(path) if e["iteration"] <= iteration])

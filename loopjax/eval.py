@@ -14,7 +14,7 @@ import numpy as np
 from loopjax import report
 from loopjax.envs import scenario_id
 from loopjax.envs.registry import episode_behaviour
-from loopjax.metrics import MetricsWriter
+from loopjax.metrics import read_jsonl, rewrite_jsonl
 from loopjax.rollout.batch import Rollout
 from loopjax.rollout.records import ShownEpisode
 
@@ -75,12 +75,7 @@ def truncate_metrics(path: str, iteration: int) -> None:
     """Drops log lines past the checkpoint a run resumes from (they will be written again)."""
     if not os.path.exists(path):
         return
-    keep = [r for r in MetricsWriter.read(os.path.dirname(path)) if r.get("step", 0) <= iteration]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in keep:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    rewrite_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= iteration])
 
 
 def write_reports(run_dir: str, summary: dict, episodes: list[ShownEpisode],

@@ -48,6 +48,35 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log; a missing file is empty, a torn last line (written when
+    the process died) is skipped, any other bad line is an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number >= len(lines) - 2:
+                continue
+            raise ValueError(f"{path}:{number + 1} is not valid JSON: {line[:80]!r}")
+    return records
+
+
+def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Replaces a JSON-lines log by `records`, atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Appends `{"step", "time", **metrics}` lines to run_dir/metrics.jsonl and scalars to run_dir/events/."""
 
@@ -94,23 +123,8 @@ class MetricsWriter:
 
     @staticmethod
     def read(run_dir: str | os.PathLike) -> list[dict]:
-        """All records of run_dir/metrics.jsonl; a missing file is empty, a torn last line is skipped."""
-        path = os.path.join(os.fspath(run_dir), METRICS_FILE)
-        if not os.path.exists(path):
-            return []
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        records = []
-        for number, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number >= len(lines) - 2:  # the last line, written when the process died
-                    continue
-                raise ValueError(f"{path}:{number + 1} is not valid JSON: {line[:80]!r}")
-        return records
+        """All records of run_dir/metrics.jsonl (read_jsonl)."""
+        return read_jsonl(os.path.join(os.fspath(run_dir), METRICS_FILE))
 
     def close(self) -> None:
         if self._file is not None:

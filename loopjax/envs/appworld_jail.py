@@ -107,10 +107,7 @@ def recv(fd: int, deadline: float | None = None):
 def python_paths() -> list[str]:
     """What the episode's root holds of the Python environment: the venv and the interpreter's
     library, outermost first (read-only)."""
-    paths = {os.path.realpath(p) for p in (sys.prefix, os.path.dirname(os.__file__))}
-    dyn = os.path.dirname(getattr(sys.modules.get("_ctypes"), "__file__", "") or "")
-    if dyn:
-        paths.add(os.path.realpath(dyn))
+    paths = {os.path.realpath(p) for p in (sys.prefix, *jail.stdlib_dirs())}
     return sorted(p for p in paths if not any(p.startswith(q + os.sep) for q in paths))
 
 
@@ -131,7 +128,8 @@ def run_episode(root: str, new_root: str, task: dict, rfd: int, wfd: int) -> Non
     libc = jail._libc()
     load_seccomp = jail.build_seccomp(file_changes=True, threads=True)
     privileged = jail.unshare(libc)
-    jail.mount(libc, "tmpfs", new_root, "tmpfs", jail.MS_NOSUID | jail.MS_NODEV, "size=1m,mode=0755")
+    jail.mount(libc, "tmpfs", new_root, "tmpfs", jail.MS_NOSUID | jail.MS_NODEV,
+               "size=1m,mode=0755")
     for path in python_paths():
         jail.bind_ro(libc, path, _mkdirs_at(new_root, path))
     data, outputs = os.path.join(root, "data"), os.path.join(root, "experiments", "outputs")
@@ -167,7 +165,8 @@ def run_episode(root: str, new_root: str, task: dict, rfd: int, wfd: int) -> Non
         resource.setrlimit(resource.RLIMIT_NPROC, (THREADS, THREADS))
     load_seccomp()
     t = world.task
-    send(wfd, {"output": {"task_id": t.id, "instruction": t.instruction, "datetime": str(t.datetime),
+    send(wfd, {"output": {"task_id": t.id, "instruction": t.instruction,
+                          "datetime": str(t.datetime),
                           "supervisor": {k: t.supervisor[k] for k in
                                          ("first_name", "last_name", "email", "phone_number")}}})
     while True:
@@ -187,7 +186,8 @@ def run_episode(root: str, new_root: str, task: dict, rfd: int, wfd: int) -> Non
 
 
 def run_evaluation(root: str, task_id: str, files: dict, _rfd: int, wfd: int) -> None:
-    """The evaluator's process: the outcome of the episode's DB changes, or why they were refused."""
+    """The evaluator's process: the outcome of the episode's DB changes, or why they were
+    refused."""
     try:
         send(wfd, {"output": evaluation.evaluate(root, task_id, files)})
     except evaluation.Refused as e:

@@ -114,7 +114,7 @@ def _write(path, text):
         os.close(fd)
 
 
-def _stdlib_dirs():
+def stdlib_dirs():
     """The standard library's directories (source and extension modules), outermost first."""
     std = os.path.dirname(os.__file__)
     dyn = os.path.dirname(getattr(sys.modules.get("_ctypes"), "__file__", "") or "") or \
@@ -152,7 +152,7 @@ def enter_namespaces(libc, user_namespace=False):
 
     As root the namespaces are made directly; otherwise (or with user_namespace) inside a new
     user namespace."""
-    std, dyn = _stdlib_dirs()
+    std, dyn = stdlib_dirs()
     privileged = unshare(libc, user_namespace)
     mount(libc, "tmpfs", ROOT, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16k,mode=0755")
     os.mkdir(ROOT + "/python")
