@@ -15,6 +15,7 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,14 @@ def set_aside(directory: str) -> str | None:
 
 
 class Checkpointer:
+    """The newest `keep` checkpoints, and step 0 (a run's warm start, which --init_from reads)."""
+
     def __init__(self, directory: str, keep: int = 2):
         self.directory = os.path.abspath(directory)
+        kept = cm.AnyPreservationPolicy([cm.LatestN(keep), cm.CustomSteps([0])])
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+            options=ocp.CheckpointManagerOptions(preservation_policy=kept, create=True,
                                                  enable_async_checkpointing=False,
                                                  cleanup_tmp_directories=True))
 

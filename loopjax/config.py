@@ -21,6 +21,7 @@ import typing
 WARM_STARTS = ("none", "sft", "rft")
 # LOOP's vocabulary (loopjax/loop/objective.py's docstring defines each)
 BASELINES = ("leave_one_out", "leave_none_out", "rft")
+REWARDS = ("tests", "success")
 LEVELS = ("token", "turn", "trajectory")
 CLIP_FORMS = ("reference", "paper", None)
 # The projections of a transformer block, as Hugging Face names them (LoRA targets)
@@ -153,11 +154,13 @@ class TrainConfig:
     sft_learning_rate: float = 3e-3  # AdamW learning rate of the warm start
     sft_moments_to_loop: bool = False  # LOOP's AdamW starts from the SFT's second moments
     rft_rounds: int = 2  # rounds of rejection-sampling fine-tuning (warm_start=rft)
+    init_from: str = ""  # a run folder: start from its warm start and "before" evaluation
     # --- LOOP
     iterations: int = 10  # LOOP iterations
     tasks_per_iteration: int = 16  # G tasks sampled from the train split per iteration
     rollouts_per_task: int = 6  # K rollouts of each task
     temperature: float = 1.0  # sampling temperature of training rollouts
+    reward: str = "tests"  # tests (share of the task's unit tests passed) | success (all passed)
     update: UpdateConfig = UpdateConfig()  # the LOOP objective (baseline, filter, clip) and AdamW
     epochs: EpochConfig = EpochConfig()  # the passes over an iteration's rollouts
     sampler: SamplerConfig = SamplerConfig()  # the sampling engine's slots and prefix cache
@@ -186,6 +189,8 @@ class TrainConfig:
                              f"{self.rollouts_per_task}")
         if self.warm_start not in WARM_STARTS:
             raise ValueError(f"warm_start {self.warm_start!r} must be one of {WARM_STARTS}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward {self.reward!r} must be one of {REWARDS}")
         if not 0.0 <= self.demo_careful <= 1.0:
             raise ValueError(f"demo_careful must be in [0, 1], got {self.demo_careful}")
         for name in ("straggler_fraction", "straggler_task_fraction"):

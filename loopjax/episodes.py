@@ -2,6 +2,7 @@
 
     write(path, rollouts, world, split="dev", tag="before LOOP", iteration=0)
     for line in read(path): ...           # dicts, one per episode (a torn last line skipped)
+    python -m loopjax.episodes runs/x/episodes.jsonl --world appworld-synth   # measures by phase
 
 Every evaluation episode is written, and the first rollout of each training task of every
 iteration (one per group: a sample of what LOOP trained on). A line holds where the episode
@@ -18,6 +19,7 @@ import json
 import os
 from collections.abc import Sequence
 
+from loopjax.envs.base import EpisodeRecord, EvalResult, Turn
 from loopjax.envs.registry import episode_behaviour
 from loopjax.metrics import read_jsonl, rewrite_jsonl
 from loopjax.rollout.batch import Rollout
@@ -66,3 +68,38 @@ def truncate(path: str | os.PathLike, iteration: int) -> None:
     (written once its update is saved), as in metrics.jsonl."""
     if os.path.exists(path):
         rewrite_jsonl(path, [e for e in read_jsonl(path) if e["iteration"] <= iteration])
+
+
+def record(line: dict) -> EpisodeRecord:
+    """The EpisodeRecord a line was written from (what a world's behaviour measures read)."""
+    passes, failures = tuple(line["passes"]), tuple(line["failures"])
+    result = EvalResult(len(passes) + len(failures), passes, failures, line["reward"],
+                        line["success"])
+    return EpisodeRecord(line["task_id"], line["instruction"],
+                         tuple(Turn(**t) for t in line["turns"]), line["end_reason"], result,
+                         line["env_failure"])
+
+
+def phases(path: str | os.PathLike, world: str) -> list[dict]:
+    """Per (tag, iteration, split) of a file, in file order: episodes, TGC, mean reward and the
+    world's behaviour measures as the current code computes them (loopjax.eval.behaviour)."""
+    from loopjax.eval import episode_measures  # noqa: PLC0415 (eval imports the registry too)
+    groups: dict[tuple, list[dict]] = {}
+    for x in read(path):
+        groups.setdefault((x["tag"], x["iteration"], x["split"]), []).append(x)
+    return [{"tag": tag, "iteration": it, "split": split, "episodes": len(xs),
+             "tgc": sum(x["success"] for x in xs) / len(xs),
+             "reward": sum(x["reward"] for x in xs) / len(xs),
+             **episode_measures([record(x) for x in xs], world)}
+            for (tag, it, split), xs in groups.items()]
+
+
+if __name__ == "__main__":
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=phases.__doc__)
+    parser.add_argument("path")
+    parser.add_argument("--world", required=True, help="the run's env, e.g. appworld-synth")
+    args = parser.parse_args()
+    for row in phases(args.path, args.world):
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))

@@ -13,6 +13,7 @@ import numpy as np
 
 from loopjax import report
 from loopjax.envs import scenario_id
+from loopjax.envs.base import EpisodeRecord
 from loopjax.envs.registry import episode_behaviour
 from loopjax.metrics import read_jsonl, rewrite_jsonl
 from loopjax.rollout.batch import Rollout
@@ -32,9 +33,13 @@ def behaviour(records: list[Rollout], world: str) -> dict:
     API-doc lookups per episode, the share that answered before reading any state, the share
     that walked a list's pages among episodes whose task needs it), each the mean over the
     episodes that report it."""
-    if not records:
+    return episode_measures([r.episode for r in records], world)
+
+
+def episode_measures(episodes: list[EpisodeRecord], world: str) -> dict:
+    """`behaviour` of finished episodes (e.g. read back from an episodes.jsonl)."""
+    if not episodes:
         return {}
-    episodes = [r.episode for r in records]
     out = {"code_error_rate": float(np.sum([e.code_errors for e in episodes])
                                     / max(1, np.sum([e.num_turns for e in episodes]))),
            "turns": float(np.mean([e.num_turns for e in episodes]))}

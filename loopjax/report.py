@@ -96,12 +96,16 @@ def _draw_top(ax, records: list[dict]) -> bool:
 _BEHAVIOUR = (("doc_lookups", "API-doc lookups / episode"),
               ("paginate_when_needed", "paginates when needed"),
               ("answered_without_lookup", "answers without a lookup"),
+              ("docs_before_call", "reads an API's doc before calling it"),
+              ("logins_right", "logs in before use"),
+              ("recovered", "recovers after an error"),
               ("code_error_rate", "code-error rate (turns)"))
 
 
 def _draw_behaviour(ax, records: list[dict]) -> bool:
     drawn = False
-    colors = ["tab:blue", "tab:green", "tab:red", "tab:gray"]
+    colors = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown",
+              "tab:gray"]
     for (name, label), color in zip(_BEHAVIOUR, colors):
         for key, style in ((f"train/{name}", "-"), (f"eval/dev/{name}", "--")):
             steps, values = _series(records, key)

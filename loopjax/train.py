@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -199,6 +200,13 @@ def warm_start(rs: RunState) -> None:
     rs.state = placed.replace(base=rs.state.base)
 
 
+def objective(records: list[Rollout], reward: str) -> np.ndarray:
+    """What LOOP maximizes per rollout: the share of the task's unit tests passed ("tests", the
+    paper's reward) or 1 for a task solved and 0 otherwise ("success": no partial credit, e.g.
+    for the tests a no-op passes)."""
+    return np.array([r.success if reward == "success" else r.reward for r in records], np.float32)
+
+
 def iteration(rs: RunState, it: int) -> dict:
     """One LOOP iteration (docs/algorithm.md): G tasks x K rollouts, leave-one-out advantages, the
     epochs of clipped-surrogate steps; returns the iteration's metrics."""
@@ -221,7 +229,7 @@ def iteration(rs: RunState, it: int) -> dict:
         records = [r for r in records if not r.episode.env_failure]
     # Leave-one-out within each task, over the rollouts that finished (a task left with one
     # rollout has no baseline: A = 0).
-    rewards = np.array([r.reward for r in records], np.float32)
+    rewards = objective(records, c.reward)
     adv = np.asarray(advantages(rewards, u.baseline, u.normalize_std,
                                 group_ids_N=np.array([r.group for r in records], np.int32)))
     with rs.timer("update") as t_update:
@@ -230,7 +238,7 @@ def iteration(rs: RunState, it: int) -> dict:
             progress=lambda n: progress(n, f"iteration {it} updates", enabled=rs.is_main))
     generated = np.array([r.num_generated for r in records])
     metrics = {
-        "train/reward": rewards.mean(), "train/success": np.mean([r.success for r in records]),
+        "train/reward": np.mean([r.reward for r in records]), "train/success": np.mean([r.success for r in records]),
         **evaluation.prefixed(evaluation.behaviour(records, c.env), "train/"),
         "train/generated_tokens": generated.mean(),
         "train/episodes_cut": summary.cut, "train/env_failures": len(failed),
@@ -273,6 +281,32 @@ def restore(rs: RunState) -> dict | None:
     return meta
 
 
+def start_from(rs: RunState, run_dir: str, logs: tuple[str, str]) -> dict:
+    """rs.state := another run's warm start (its step-0 checkpoint); its "before" evaluation is
+    this run's (meta, and the lines of its metrics and episodes files)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path) or os.path.abspath(run_dir) == os.path.abspath(rs.config.run_dir):
+        raise ValueError(f"--init_from={run_dir}: not another run's folder (no config.json)")
+    with open(path) as f:
+        theirs = json.load(f)["train"]
+    for name in ("env", "model", "max_seq_len", "max_interactions_eval", "compact_prompt"):
+        if theirs[name] != getattr(rs.config, name):
+            raise ValueError(f"--init_from={run_dir}: its {name} is {theirs[name]!r}, this run's "
+                             f"{getattr(rs.config, name)!r}")
+    source = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    try:
+        _, trained, meta = source.restore(abstract_like(rs.state.replace(base=None)), step=0)
+    finally:
+        source.close()
+    rs.state = trained.replace(base=rs.state.base)
+    if rs.is_main:
+        for path, truncate in zip(logs, (evaluation.truncate_metrics, episodes.truncate)):
+            shutil.copyfile(os.path.join(run_dir, os.path.basename(path)), path)
+            truncate(path, 0)
+    log.info("started from %s's warm start (step 0)", run_dir)
+    return {"before": meta["before"], "iteration": 0, "init_from": run_dir}
+
+
 def _write_config(config: TrainConfig, model_config, path: str):
     with open(path, "w") as f:
         json.dump({"train": config.to_dict(), "model": model_config.__dict__}, f, indent=2, default=str)
@@ -295,6 +329,9 @@ def run(config: TrainConfig) -> dict:
             episodes.truncate(logs[1], meta["iteration"])
             log.info("resuming %s at iteration %d", c.run_dir, meta["iteration"])
         _write_config(c, rs.model_config, os.path.join(c.run_dir, "config.json"))
+    if meta is None and c.init_from:
+        meta = start_from(rs, c.init_from, logs)
+        save(rs, 0, meta)
     writer = MetricsWriter(c.run_dir, enabled=rs.is_main)
 
     def evaluate_all(tag: str, it: int) -> dict:

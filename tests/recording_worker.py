@@ -40,6 +40,7 @@ def main():
                      "reward": float(r.reward)} for r in a["records"]]}))
     train.run_iteration = _record(train.run_iteration, lambda a, out: seen_it.append({
         "rewards": [float(r.reward) for r in a["rollouts"]],
+        "success": [bool(r.success) for r in a["rollouts"]],
         "groups": [int(r.group) for r in a["rollouts"]],
         "adv": [float(x) for x in a["adv_N"]],
         "num_rollouts": [float(h["num_rollouts"]) for h in out[1]],

@@ -37,3 +37,14 @@ def test_nothing_to_set_aside(tmp_path):
     os.makedirs(tmp_path / "empty")
     assert set_aside(str(tmp_path / "empty")) is None
     assert os.path.isdir(tmp_path / "empty")
+
+
+def test_step_zero_outlives_the_newest_two(tmp_path):
+    """keep=2 keeps the newest two and step 0, a run's warm start (--init_from reads it)."""
+    directory = str(tmp_path / "checkpoints")
+    assert _save(directory, range(5)) == 4
+    assert sorted(os.listdir(directory)) == ["0", "3", "4"]
+    ckpt = Checkpointer(directory, keep=2)
+    _, restored, meta = ckpt.restore({"x": jnp.zeros(3)}, step=0)
+    ckpt.close()
+    assert meta["iteration"] == 0 and float(restored["x"][0]) == 0.0

@@ -109,7 +109,7 @@ def test_help_lists_every_option_with_its_comment(capsys):
     assert "--iterations=7 " in out and "--model=smollm2 " in out
     lines = options_help(TrainConfig())
     assert all(line.split(None, 1)[1].strip() for line in lines)
-    assert len(lines) == len(set(line.split("=")[0] for line in lines)) == 68
+    assert len(lines) == len(set(line.split("=")[0] for line in lines)) == 70
 
 
 def test_unknown_preset_exits_with_the_list():

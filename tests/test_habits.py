@@ -11,7 +11,7 @@ from loopjax import warmstart
 from conftest import as_rollout
 from loopjax.envs import EvalResult, demonstration, ground_truth, list_tasks, make_env
 from loopjax.envs.base import EpisodeRecord, Turn
-from loopjax.envs.behaviour import code_habits
+from loopjax.envs.behaviour import api_behaviour, call_order, code_habits
 from loopjax.envs.miniworld.scenario import V1_NAMES
 from loopjax.eval import behaviour, held_out_tgc
 
@@ -109,6 +109,44 @@ def test_behaviour_measures_read_the_habits_from_code():
                              "apis.notes.search_notes(query='a')"))["answered_without_lookup"]
 
 
+def test_call_order_reads_docs_logins_and_recovery_in_the_order_run():
+    ok, err = "ok", "Traceback (most recent call last): Exception: bad password"
+    steps = (Turn("", "apis.api_docs.show_api_doc(app_name='phone', api_name='login')\n"
+                      "t = apis.phone.login(username='u', password='p')", ok),
+             Turn("", "apis.phone.search_contacts(access_token=t)\n"
+                      "apis.api_docs.show_api_doc('phone', 'search_contacts')", ok),
+             Turn("", "apis.venmo.login(username='u', password='x')", err),
+             Turn("", "apis.venmo.show_transactions()", ok))
+    order = call_order(steps)
+    # phone.login documented first, search_contacts before its doc, venmo's two never
+    assert order["docs_before_call"] == 1 / 4
+    assert order["logged_in"] == {"phone"}  # venmo's login raised
+    assert order["recovered"] is True
+    assert call_order(steps[:3])["recovered"] is False
+    assert call_order(steps[:1])["recovered"] is None
+    # a login after the app's first other call is not a login before use
+    late = (Turn("", "apis.phone.search_contacts()\napis.phone.login()", ok),)
+    assert call_order(late)["logged_in"] == set()
+    assert call_order((Turn("", "apis.supervisor.complete_task()", ok),))["docs_before_call"] is None
+
+
+def test_logins_right_for_the_apps_the_ground_truth_logs_into():
+    """The hook reports logins_right only for tasks whose ground truth logs in, and 1 only when
+    the episode logged into every such app before using it."""
+    solutions = {"pay": ["t = apis.venmo.login(username='u', password='p')",
+                         "apis.venmo.create_transaction(access_token=t)"], "ask": ["print(1)"]}
+    hook = api_behaviour(solutions.__getitem__)
+    ok = EvalResult(1, ("t",), (), 1.0, True)
+
+    def measure(task, *codes):
+        return hook(EpisodeRecord(task, "", turns(*codes, output="ok"), "complete_task", ok))
+
+    assert measure("pay", "apis.venmo.login()", "apis.venmo.create_transaction()")["logins_right"] == 1
+    assert measure("pay", "apis.venmo.create_transaction()", "apis.venmo.login()")["logins_right"] == 0
+    assert measure("pay", "apis.phone.login()")["logins_right"] == 0
+    assert "logins_right" not in measure("ask", "apis.venmo.login()")
+
+
 def test_the_worlds_behaviour_hook_and_its_means():
     """miniworld's hook reports paging only for tasks whose ground truth pages; eval.behaviour
     averages each measure over the episodes that report it, next to the generic ones (turns,
@@ -127,7 +165,8 @@ def test_the_worlds_behaviour_hook_and_its_means():
                for e in episodes]
     assert behaviour(records, WORLD) == {
         "code_error_rate": 1 / 4, "turns": 4 / 3, "doc_lookups": 1 / 3,
-        "answered_without_lookup": 1 / 3, "paginate_when_needed": 1 / 2}
+        "answered_without_lookup": 1 / 3, "paginate_when_needed": 1 / 2,
+        "docs_before_call": 0.0, "recovered": 0.0}
     assert behaviour(records, "a world no one registered") == {"code_error_rate": 1 / 4,
                                                                "turns": 4 / 3}
 

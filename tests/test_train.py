@@ -106,6 +106,16 @@ def test_run_folder_and_table(reference_run):
         assert len(e["passes"]) + len(e["failures"]) > 0 and e["end_reason"]
     train = [e for e in eps if e["tag"] == "train"]
     assert all(len({e["group"] for e in train if e["iteration"] == i}) == 6 for i in range(1, 11))
+    # Read back, the file's episodes give the evaluation's own TGC, reward and behaviour measures.
+    (after,) = [p for p in episodes.phases(os.path.join(run_dir, episodes.FILE), "miniworld-tiny")
+                if p["tag"] == "after LOOP"]
+    logged = {k.split("/")[-1]: v for k, v in metrics[10].items()
+              if k.startswith("eval/test_normal/") and not k.endswith(("num_tasks", "sgc",
+                                                                        "num_scenarios"))}
+    assert after["episodes"] == 3 and set(logged) == set(after) - {"tag", "iteration", "split",
+                                                                    "episodes"}
+    for k, v in logged.items():
+        assert after[k] == pytest.approx(v), k
 
 
 def test_fresh_run_in_an_old_folder_sets_its_checkpoints_aside(reference_run, tmp_path):
@@ -333,3 +343,43 @@ def test_adv_positive_only_updates_on_positive_advantages_only(rft_positive_run)
         else:
             assert updated == epochs * positive, (updated, positive, adv)
     assert kept > 0 and negative > 0, (kept, negative)
+
+
+# ------------------------------------------------------------- --init_from, --reward=success
+
+
+def test_init_from_another_runs_warm_start_with_the_success_reward(reference_run, tmp_path):
+    """--init_from: no warm start of its own; checkpoint 0, the "before" evaluation's metrics and
+    episodes are the reference run's. --reward=success: the advantages are the leave-one-out ones
+    of 0/1 success, while some rollouts earned a partial share of their tests."""
+    ref_dir, *_ = reference_run
+    run_dir, out = str(tmp_path / "from"), str(tmp_path / "recorded.json")
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "recording_worker.py"), out, *SMOKE,
+           f"--run_dir={run_dir}", f"--init_from={ref_dir}", "--reward=success",
+           "--iterations=2", "--eval_every=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        seen = json.load(f)
+    assert seen["sft"] == []
+    jax.tree.map(np.testing.assert_array_equal, _trained(run_dir, 0), _trained(ref_dir, 0))
+    assert _metrics(run_dir)[0] == _metrics(ref_dir)[0]
+    before = [e for e in _episodes(ref_dir) if e["iteration"] == 0]
+    assert [e for e in _episodes(run_dir) if e["iteration"] == 0] == before
+    partial = 0
+    for it in seen["iterations"]:
+        success, groups, adv = (np.array(it[k]) for k in ("success", "groups", "adv"))
+        partial += int(np.sum((np.array(it["rewards"]) > 0) & ~success))
+        for g in np.unique(groups):
+            r, n = success[groups == g].astype(float), np.sum(groups == g)
+            want = n / (n - 1) * (r - r.mean()) if n > 1 else np.zeros(1)
+            np.testing.assert_allclose(adv[groups == g], want, atol=1e-6)
+    assert partial > 0  # the test tells success from the share of tests
+
+
+def test_init_from_a_run_of_other_episodes_is_refused(reference_run, tmp_path):
+    proc = subprocess.run(_cmd(str(tmp_path / "other"), f"--init_from={reference_run[0]}",
+                               "--max_interactions_eval=2"),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "its max_interactions_eval is 4, this run's 2" in proc.stderr, proc.stderr[-2000:]

@@ -66,6 +66,11 @@ class EvalResult:
 _ERROR_RE = re.compile(r"(Traceback|Error:|Exception:)")
 
 
+def shows_error(output: str) -> bool:
+    """Whether an environment reply shows a Python error."""
+    return bool(_ERROR_RE.search(output))
+
+
 @dataclasses.dataclass(frozen=True)
 class Turn:
     """One agent turn of an episode."""
@@ -94,7 +99,7 @@ class EpisodeRecord:
     @property
     def code_errors(self) -> int:
         """Turns whose reply shows a Python error."""
-        return sum(bool(_ERROR_RE.search(t.output)) for t in self.turns)
+        return sum(shows_error(t.output) for t in self.turns)
 
 
 class Env(Protocol):
