@@ -50,8 +50,10 @@ def _copy_warm_start(warm: str, run_dir: str) -> None:
     for name in ("tokenizer", "model_config.json"):
         src = os.path.join(warm, name)
         if os.path.exists(src):  # absent with a --model checkpoint
-            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(run_dir, name))
-    shutil.copytree(os.path.join(warm, "checkpoints", "0"), os.path.join(run_dir, "checkpoints", "0"))
+            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src,
+                                                                     os.path.join(run_dir, name))
+    shutil.copytree(os.path.join(warm, "checkpoints", "0"),
+                    os.path.join(run_dir, "checkpoints", "0"))
 
 
 def scores(summary: dict) -> dict:
@@ -108,7 +110,8 @@ def main():
             _copy_warm_start(warm, run_dir)
             summary = appworld_loop.main([f"--seed={seed}", f"--run_dir={run_dir}",
                                           *VARIANTS[name], *args.overrides, "--resume"])
-            assert summary["before"] == before, "the variant did not start from the shared warm start"
+            assert summary["before"] == before, ("the variant did not start from the shared "
+                                                 "warm start")
             rows.setdefault(name, []).append(dict(scores(summary["after"]), seed=seed))
         if not args.no_ceiling:
             ceiling = appworld_loop.main([f"--seed={seed}", f"--run_dir={root}/careful_sft",

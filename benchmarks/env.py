@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import time
-
 from concurrent.futures import ThreadPoolExecutor
 
 from loopjax.envs import ground_truth, list_tasks, make_env

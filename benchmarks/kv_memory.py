@@ -41,7 +41,6 @@ from loopjax.models.tokenizer import load_tokenizer  # noqa: E402
 from loopjax.rollout.collector import EpisodeLimits, collect  # noqa: E402
 from loopjax.sampling.engine import SamplingEngine  # noqa: E402
 
-
 RUNS = {"prefix_cache": True, "no_prefix_cache": False}
 
 

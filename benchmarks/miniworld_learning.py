@@ -40,7 +40,8 @@ def main():
                     row[f"{when}/{split}/{k}"] = summary[when][split][k]
         for when in ("before", "after"):  # task-weighted held-out success (dev + test_normal)
             row[f"{when}/held_out_success"] = held_out_tgc(summary[when])
-        row["improvement_points"] = 100 * (row["after/held_out_success"] - row["before/held_out_success"])
+        row["improvement_points"] = 100 * (row["after/held_out_success"]
+                                           - row["before/held_out_success"])
         for when in ("before", "after"):  # the behaviour measures on dev (loopjax.eval.behaviour)
             for k in ("doc_lookups", "paginate_when_needed", "answered_without_lookup",
                       "code_error_rate", "turns"):
@@ -48,9 +49,11 @@ def main():
                     row[f"{when}/dev/{k}"] = summary[when]["dev"][k]
         per_seed.append(row)
         print(f"seed {seed}: held-out TGC {100 * row['before/held_out_success']:.1f}% -> "
-              f"{100 * row['after/held_out_success']:.1f}% ({row['improvement_points']:+.1f} points, "
+              f"{100 * row['after/held_out_success']:.1f}% "
+              f"({row['improvement_points']:+.1f} points, "
               f"{row['wall_s']:.0f} s)", flush=True)
-    mean = {k: float(np.mean([r[k] for r in per_seed if k in r])) for k in per_seed[0] if k != "seed"}
+    mean = {k: float(np.mean([r[k] for r in per_seed if k in r]))
+            for k in per_seed[0] if k != "seed"}
     print(json.dumps({"benchmark": "miniworld_learning", "held_out": HELD_OUT, "seeds": args.seeds,
                       "mean": mean, "every_seed_improves": all(r["improvement_points"] > 0
                                                                for r in per_seed),

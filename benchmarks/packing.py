@@ -1,6 +1,6 @@
 """The LOOP update on real rollouts, three ways: ONE JSON line.
 
-    python benchmarks/packing.py                  # needs a finished default run (runs/miniworld-tiny)
+    python benchmarks/packing.py    # needs a finished default run (runs/miniworld-tiny)
     python benchmarks/packing.py --run_dir runs/x --iterations 3
     python benchmarks/packing.py --keep_all -- --compact_prompt=false --max_seq_len=4096 \
         --max_obs_tokens=512 --epochs.buckets=4096,8192     # the full ReAct prompt, K = 6
@@ -67,7 +67,8 @@ def main():
                                     temperature=config.temperature, desc=f"rollouts {it}",
                                     straggler=False)  # all G x K, in order
         rewards = np.array([r.reward for r in records], np.float32).reshape(G, K)
-        adv = np.asarray(advantages(rewards, config.update.baseline, config.update.normalize_std)).reshape(-1)
+        adv = np.asarray(advantages(rewards, config.update.baseline,
+                                    config.update.normalize_std)).reshape(-1)
         if args.keep_all:
             adv = np.where(np.arange(G * K) % 2 == 0, 1.0, -1.0).astype(np.float32)
         work.append((records, adv))

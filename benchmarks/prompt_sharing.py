@@ -1,7 +1,8 @@
 """The sampler's prefix cache (prompt pages common to episodes computed once): ONE JSON line.
 
-    python benchmarks/prompt_sharing.py                 # needs a finished default run (runs/miniworld-tiny)
-    python benchmarks/prompt_sharing.py --run_dir runs/x -- --compact_prompt=false --max_seq_len=4096
+    python benchmarks/prompt_sharing.py    # needs a finished default run (runs/miniworld-tiny)
+    python benchmarks/prompt_sharing.py --run_dir runs/x -- --compact_prompt=false \
+        --max_seq_len=4096
 
 Restores the run's last checkpoint and collects one iteration of its G x K training rollouts
 (the main job's code path: loopjax.train.rollouts) with `--sampler.share_prompts` off and on,
@@ -55,9 +56,10 @@ def main():
         for share in (False, True):
             runs[share].append(collect(share))
     (plain, _, _), (shared, stats, _) = runs[False][0], runs[True][0]
-    same_tokens = all(np.array_equal(a.tokens, b.tokens) for a, b in zip(plain, shared))
+    same_tokens = all(np.array_equal(a.tokens, b.tokens)
+                      for a, b in zip(plain, shared, strict=True))
     logp_diff = max(float(np.max(np.abs(a.logp - b.logp), initial=0.0))
-                    for a, b in zip(plain, shared) if len(a.logp) == len(b.logp))
+                    for a, b in zip(plain, shared, strict=True) if len(a.logp) == len(b.logp))
     out = {"benchmark": "prompt_sharing", "run_dir": args.run_dir, "tasks": G,
            "rollouts_per_task": K, "episodes": len(plain),
            "mean_prompt_len": float(np.mean([np.argmax(r.is_output) for r in plain])),

@@ -16,7 +16,7 @@ on every projection, a warm start by LoRA SFT on ground-truth demonstrations (th
 then LOOP, with greedy held-out evaluation before and after. Arguments after `--` override the
 preset (TrainConfig fields). The peer is the same model before LOOP (the warm start), in the same
 run. Prints one JSON line.
-"""
+"""  # noqa: E501 (its first line is the --help description, kept whole)
 
 import argparse
 import json
@@ -96,7 +96,7 @@ def baseline(args) -> dict:
                   "success": r.success, "passes": e.result.passes, "failures": e.result.failures,
                   "end_reason": e.end_reason, "turns": [vars(t) for t in e.turns],
                   "num_tokens": len(r.tokens), "num_generated": r.num_generated}
-                 for r, e in zip(records, episodes)]
+                 for r, e in zip(records, episodes, strict=True)]
         with open(args.out, "w") as f:
             json.dump({"summary": out, "episodes": shown}, f, indent=1, default=str)
     return out

@@ -3,13 +3,14 @@
     python benchmarks/rl_signal_probe.py                        # the embedded default's warm start
     python benchmarks/rl_signal_probe.py -- --sft_steps=450 --seed=1
 
-Runs the main job's warm start (same code path and options as `python -m experiments.appworld_loop`),
-then samples K rollouts per task at the training temperature on a slice of the train split and on
-dev, and prints, per split: greedy TGC (dev only), sampled pass@1, pass@K, the share of tasks whose
-K rewards are not all equal (only those carry a leave-one-out advantage) and the mean reward.
-LOOP can only improve greedy held-out success where sampled rollouts sometimes succeed: pass@K
-well above greedy TGC on held-out tasks is its headroom; a train pass@K far above dev's means
-the warm start memorized train tasks rather than learned a skill that transfers.
+Runs the main job's warm start (same code path and options as
+`python -m experiments.appworld_loop`), then samples K rollouts per task at the training temperature
+on a slice of the train split and on dev, and prints, per split: greedy TGC (dev only), sampled
+pass@1, pass@K, the share of tasks whose K rewards are not all equal (only those carry a
+leave-one-out advantage) and the mean reward. LOOP can only improve greedy held-out success where
+sampled rollouts sometimes succeed: pass@K well above greedy TGC on held-out tasks is its headroom;
+a train pass@K far above dev's means the warm start memorized train tasks rather than learned a
+skill that transfers.
 """
 
 import argparse
@@ -24,7 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.appworld_loop import resolve  # noqa: E402
-from loopjax import eval as evaluation, train  # noqa: E402
+from loopjax import eval as evaluation  # noqa: E402
+from loopjax import train  # noqa: E402
 from loopjax.envs import list_tasks  # noqa: E402
 
 

@@ -35,14 +35,16 @@ import allocator  # noqa: E402
 def _args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short prompts and replies (a smoke run)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both sides")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="CPU threads for both sides")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated sequence counts")
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--decode-steps", type=int, default=64, help="fused decode steps per call")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="weights and activations on both sides (bfloat16 for a GPU)")
-    ap.add_argument("--model", choices=("qwen2-100m", "smollm2", "qwen2-0.5b"), default="qwen2-100m",
+    ap.add_argument("--model", choices=("qwen2-100m", "smollm2", "qwen2-0.5b"),
+                    default="qwen2-100m",
                     help="the shapes (random weights): the default ~100M Qwen2, or SmolLM2-135M's")
     ap.add_argument("--allocator", choices=allocator.CHOICES, default="system",
                     help="the C allocator of this process, both sides (benchmarks/allocator.py)")
@@ -152,7 +154,7 @@ def bench_loopjax(config, params, concurrency, P, N, steps):
         # Reps 0 and 1 compile, rep 2 is timed: the pool grows during rep 0's decode, so rep 1's
         # prefill meets a new pool size (a new program); from then on the shapes repeat. Each
         # rep starts as a collection does, with the prefix cache reset (its pages freed).
-        for rep in range(3):
+        for _rep in range(3):
             engine.reset_prefix_cache()
             for s in range(n):
                 engine.free(s)
@@ -192,7 +194,8 @@ def bench_hf(model, concurrency, P, N):
             _sync()
             t3 = time.perf_counter()
         # Decode = the N-token run minus the 1-token run (prefill + first token).
-        out[n] = dict(decode_tok_s=n * (N - 1) / ((t3 - t2) - (t2 - t1)), prefill_tok_s=n * P / (t1 - t0))
+        out[n] = dict(decode_tok_s=n * (N - 1) / ((t3 - t2) - (t2 - t1)),
+                      prefill_tok_s=n * P / (t1 - t0))
     return out
 
 
@@ -216,7 +219,8 @@ def main():
     ours, peer, unfused = {}, {}, {}
     for n in concurrency:
         ours.update(bench_loopjax(config, params, [n], P, N, steps))
-        if n in (concurrency[0], concurrency[-1]):  # one decode step per call: a round trip per token
+        # One decode step per call: a round trip per token.
+        if n in (concurrency[0], concurrency[-1]):
             unfused.update(bench_loopjax(config, params, [n], P, N, 1))
         peer.update(bench_hf(hf_model, [n], P, N))
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

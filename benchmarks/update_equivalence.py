@@ -62,8 +62,10 @@ def fixed_rollouts():
         n = int(rng.integers(8, 30))
         out = np.arange(n) >= n // 3
         arrays.append(dict(tokens=rng.integers(0, 64, n).astype(np.int32), is_output=out,
-                           logp=np.where(out, -4.0 + 0.3 * rng.standard_normal(n), 0).astype(np.float32),
-                           turn_id=np.where(out, 1 + (np.arange(n) > 2 * n // 3), 0).astype(np.int32)))
+                           logp=np.where(out, -4.0 + 0.3 * rng.standard_normal(n),
+                                         0).astype(np.float32),
+                           turn_id=np.where(out, 1 + (np.arange(n) > 2 * n // 3),
+                                            0).astype(np.int32)))
     adv = rng.standard_normal(16).astype(np.float32)
     adv[3] = 0.0  # one filtered rollout
     if NEW:

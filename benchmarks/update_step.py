@@ -51,7 +51,8 @@ def model_flops(cfg: dict, T: int, rollouts: int, outputs: int) -> float:
     """FLOPs of one minibatch of `rollouts` rollouts of T tokens holding `outputs` generated
     tokens in all (the positions whose log-probs the loss reads)."""
     D, F, H, Hk, Dh, V, L = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_heads"],
-                             cfg["num_kv_heads"], cfg["head_dim"], cfg["vocab_size"], cfg["num_layers"])
+                             cfg["num_kv_heads"], cfg["head_dim"], cfg["vocab_size"],
+                             cfg["num_layers"])
     layer_params = L * (2 * D * H * Dh + 2 * D * Hk * Dh + 3 * D * F)
     attention = 2 * L * H * Dh * T * T  # causal QK^T and PV: half of 4 T^2
     forward = rollouts * (2 * layer_params * T + attention) + 2 * D * V * outputs
@@ -92,9 +93,9 @@ def run_jax(cfg: dict, T: int, n: int, steps: int, remat: bool = False,
 
     from loopjax.config import UpdateConfig
     from loopjax.loop.update import init_train_state, make_update_step
-    from loopjax.rollout import Rollout, pack_minibatch
     from loopjax.models.config import ModelConfig
     from loopjax.models.transformer import init_params
+    from loopjax.rollout import Rollout, pack_minibatch
     from loopjax.sharding import make_mesh
 
     mc = ModelConfig(**cfg, qkv_bias=True, tie_embeddings=True, rope_theta=1e6, family="qwen2",
@@ -153,7 +154,8 @@ def run_torch(cfg: dict, T: int, n: int, steps: int, dtype: str = "float32") -> 
 
     torch.manual_seed(0)
     hf = Qwen2Config(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-                     intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_layers"],
+                     intermediate_size=cfg["intermediate_size"],
+                     num_hidden_layers=cfg["num_layers"],
                      num_attention_heads=cfg["num_heads"], num_key_value_heads=cfg["num_kv_heads"],
                      head_dim=cfg["head_dim"], tie_word_embeddings=True, rope_theta=1e6,
                      max_position_embeddings=max(T, 2048), use_cache=False)
@@ -227,7 +229,8 @@ def main():
                     help="loopjax side: queries per attention block (0 = one dense T x T block; "
                          "default: ModelConfig's)")
     ap.add_argument("--allocator", choices=allocator.CHOICES, default="system",
-                    help="the C allocator of both sides (tcmalloc: LD_PRELOAD; benchmarks/allocator.py)")
+                    help="the C allocator of both sides (tcmalloc: LD_PRELOAD; "
+                         "benchmarks/allocator.py)")
     ap.add_argument("--side", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     model = args.model or ("small" if args.small else "qwen2-100m")
@@ -270,8 +273,10 @@ def main():
                      first_step_s=round(j["first_step_s"], 2),
                      model_flops_per_s=round(flops / j["step_s"] / 1e9, 2),
                      matmul_flops_per_s=round(j["matmul_flops_per_s"] / 1e9, 2),
-                     flops_fraction_of_matmul=round(flops / j["step_s"] / j["matmul_flops_per_s"], 3),
-                     peak_rss_mb=round(j["peak_rss_mb"]), base_weight_copies=j["base_weight_copies"],
+                     flops_fraction_of_matmul=round(
+                         flops / j["step_s"] / j["matmul_flops_per_s"], 3),
+                     peak_rss_mb=round(j["peak_rss_mb"]),
+                     base_weight_copies=j["base_weight_copies"],
                      compiles=j["compiles"], page_faults_per_step=round(j["page_faults_per_step"])),
         peer_torch_peft=dict(tokens_per_s=round(t["tokens_per_s"], 1), step_s=round(t["step_s"], 2),
                              first_step_s=round(t["first_step_s"], 2),

@@ -4,7 +4,8 @@
         --splits=train,dev --every=3 --out runs/headroom/sft50.json
 
 Runs the preset's set-up and warm start (the main job's own functions, same seed, so the same
-warm start a run of that preset starts from), then on every `every`-th task of each split:
+warm start a run of that preset starts from; with --init_from=RUN, that run's own warm start),
+then on every `every`-th task of each split:
 greedy TGC (the main job's evaluation) and `samples` rollouts per task at the training
 temperature, whose pass@1 (share of rollouts that succeed), pass@K (share of tasks with a
 success) and mixed share (tasks whose K rollouts have both a success and a failure: the only
@@ -62,12 +63,17 @@ def main(argv=None) -> dict:
     if K < 2 or every < 1:
         raise SystemExit("error: --samples must be >= 2 and --every >= 1")
     config = resolve(rest)
-    run_dir = os.path.join(config.run_dir, f"headroom-sft{config.sft_steps}")
+    name = os.path.basename(os.path.normpath(config.init_from)) if config.init_from else \
+        f"sft{config.sft_steps}"
+    run_dir = os.path.join(config.run_dir, f"headroom-{name}")
     config = dataclasses.replace(config, resume=False, run_dir=run_dir)
     t0 = time.perf_counter()
     rs = train.setup(config)
     with rs.timer("warm_start"):
-        train.warm_start(rs)
+        if config.init_from:  # the warm start of a run: the one its LOOP started from
+            train.start_from(rs, config.init_from)
+        else:
+            train.warm_start(rs)
     out = {"preset_config": config.to_dict(), "samples": K, "every": every, "splits": {}}
     path = os.path.join(config.run_dir, episodes.FILE)
     if os.path.exists(path):

@@ -48,7 +48,8 @@ class MemoryEstimate:
     def describe(self, activations: str = "learner activations", when: str = "at the start") -> str:
         def gb(n):
             return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / (1 << 20):.1f} MiB"
-        copy = f" + the sampler's per-layer copy {gb(self.sampler_copy)}" if self.sampler_copy else ""
+        copy = (f" + the sampler's per-layer copy {gb(self.sampler_copy)}" if self.sampler_copy
+                else "")
         return (f"weights {gb(self.weights)}{copy} + optimizer {gb(self.optimizer)} + KV cache "
                 f"{gb(self.cache_now)} ({self.cache_per_token / 1024:.1f} KiB per token held; "
                 f"grows with the tokens held, at most {gb(self.cache_bound)}) + {activations} "

@@ -15,8 +15,9 @@ import time
 import types
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,8 @@ def _json_value(value: Any) -> Any:
         return bool(value)
     if isinstance(value, (int, np.integer)):
         return int(value)
-    if isinstance(value, (float, np.floating)) or (isinstance(value, np.ndarray) and value.ndim == 0):
+    if (isinstance(value, (float, np.floating))
+            or (isinstance(value, np.ndarray) and value.ndim == 0)):
         value = float(value)
         return value if math.isfinite(value) else None
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # jax scalars
@@ -61,10 +63,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as err:
             if number >= len(lines) - 2:
                 continue
-            raise ValueError(f"{path}:{number + 1} is not valid JSON: {line[:80]!r}")
+            raise ValueError(f"{path}:{number + 1} is not valid JSON: {line[:80]!r}") from err
     return records
 
 
@@ -78,7 +80,8 @@ def rewrite_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
 
 
 class MetricsWriter:
-    """Appends `{"step", "time", **metrics}` lines to run_dir/metrics.jsonl and scalars to run_dir/events/."""
+    """Appends `{"step", "time", **metrics}` lines to run_dir/metrics.jsonl and scalars to
+    run_dir/events/."""
 
     _warned_no_tensorboard = False  # warn once per process, not once per run
 
@@ -91,13 +94,15 @@ class MetricsWriter:
             return
         os.makedirs(self.run_dir, exist_ok=True)
         path = os.path.join(self.run_dir, METRICS_FILE)
-        _drop_torn_tail(path)  # so a resumed run does not glue its first line onto a crash's half line
+        # So that a resumed run does not glue its first line onto a crash's half line.
+        _drop_torn_tail(path)
         self._file = open(path, "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
             if not MetricsWriter._warned_no_tensorboard:
-                warnings.warn("tensorboardX is not importable: writing metrics.jsonl only")
+                warnings.warn("tensorboardX is not importable: writing metrics.jsonl only",
+                              stacklevel=1)
                 MetricsWriter._warned_no_tensorboard = True
         else:
             self._tb = SummaryWriter(logdir=os.path.join(self.run_dir, EVENTS_DIR))
@@ -134,7 +139,7 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -165,7 +170,8 @@ class _LogLines:
         of = f"/{self.total}" if self.total is not None else ""
         rate = self.n / elapsed if elapsed > 0 else 0.0
         end = " done" if final else ""
-        print(f"{self.desc}: {self.n}{of} [{elapsed:.0f}s, {rate:.2f}/s]{end}", file=sys.stderr, flush=True)
+        print(f"{self.desc}: {self.n}{of} [{elapsed:.0f}s, {rate:.2f}/s]{end}", file=sys.stderr,
+              flush=True)
         self._last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -199,7 +205,8 @@ class _Silent(_LogLines):
         self._last = time.monotonic()
 
 
-def progress(iterable_or_total: Iterable | int, desc: str, enabled: bool = True, interval: float = 5.0):
+def progress(iterable_or_total: Iterable | int, desc: str, enabled: bool = True,
+             interval: float = 5.0):
     """A tqdm bar on a TTY; on CI logs, a plain line at most every `interval` seconds.
 
     Pass an iterable to wrap it, or an int total and call `.update(n)` yourself (also usable as a
@@ -236,7 +243,8 @@ class Timer:
             self.totals[phase] += span.seconds
 
     def shares(self) -> dict[str, float]:
-        """{"time/<phase>_share": fraction of all phases, "time/<phase>_s": seconds, "time/total_s"}."""
+        """{"time/<phase>_share": fraction of all phases, "time/<phase>_s": seconds,
+        "time/total_s"}."""
         total = sum(self.totals.values())
         out = {}
         for phase, seconds in self.totals.items():

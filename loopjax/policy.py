@@ -1,4 +1,5 @@
-"""The policy a run trains: a Hugging Face checkpoint, or a tokenizer and a small model from scratch.
+"""The policy a run trains: a Hugging Face checkpoint, or a tokenizer and a small model from
+scratch.
 
 From scratch (no --model): a SentencePiece tokenizer is trained on the world's own text (prompts,
 ground-truth solutions and the environment's replies to them) and a small Qwen-style model is
@@ -14,12 +15,12 @@ import os
 
 import jax
 
+from loopjax import warmstart
 from loopjax.envs import make_env
 from loopjax.models.config import ModelConfig
 from loopjax.models.hf_io import load_hf_checkpoint
 from loopjax.models.tokenizer import load_tokenizer, train_sentencepiece
 from loopjax.models.transformer import init_params
-from loopjax import warmstart
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ def learning_curve(run_dir: str | os.PathLike, out_path: str | os.PathLike | Non
     import matplotlib.pyplot as plt
 
     run_dir = os.fspath(run_dir)
-    out_path = os.fspath(out_path) if out_path is not None else os.path.join(run_dir, "learning_curve.png")
+    out_path = (os.fspath(out_path) if out_path is not None
+                else os.path.join(run_dir, "learning_curve.png"))
     records = MetricsWriter.read(run_dir)
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 10), sharex=True,
                                               height_ratios=[3, 2, 2])
@@ -80,7 +81,7 @@ def _draw_top(ax, records: list[dict]) -> bool:
     eval_keys = sorted({key for record in records for key in record if _EVAL_KEY.match(key)})
     splits = sorted({_EVAL_KEY.match(key)["split"] for key in eval_keys})
     colors = dict(zip(splits, ["tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
-                               "tab:olive", "tab:cyan", "tab:gray"] * 4))
+                               "tab:olive", "tab:cyan", "tab:gray"] * 4, strict=False))
     for key in eval_keys:
         match = _EVAL_KEY.match(key)
         steps, values = _series(records, key)
@@ -106,7 +107,7 @@ def _draw_behaviour(ax, records: list[dict]) -> bool:
     drawn = False
     colors = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown",
               "tab:gray"]
-    for (name, label), color in zip(_BEHAVIOUR, colors):
+    for (name, label), color in zip(_BEHAVIOUR, colors, strict=False):
         for key, style in ((f"train/{name}", "-"), (f"eval/dev/{name}", "--")):
             steps, values = _series(records, key)
             if steps:
@@ -144,12 +145,15 @@ def _draw_bottom(ax, records: list[dict]) -> bool:
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #222; }
 table.summary { border-collapse: collapse; margin-bottom: 2em; }
-table.summary th, table.summary td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+table.summary th, table.summary td { border: 1px solid #ccc; padding: 0.25em 0.6em; \
+text-align: left; }
 table.summary th { background: #f3f3f3; }
-details.episode { border: 1px solid #ccc; border-radius: 4px; margin: 0.6em 0; padding: 0.4em 0.8em; }
+details.episode { border: 1px solid #ccc; border-radius: 4px; margin: 0.6em 0; \
+padding: 0.4em 0.8em; }
 details.episode > summary { cursor: pointer; font-weight: 600; }
 .ok { color: #17702a; } .bad { color: #b3261e; }
-pre { background: #f6f8fa; padding: 0.6em; overflow-x: auto; white-space: pre-wrap; word-break: break-word; }
+pre { background: #f6f8fa; padding: 0.6em; overflow-x: auto; white-space: pre-wrap; \
+word-break: break-word; }
 pre.output { background: #fffbe6; }
 .turn { border-left: 3px solid #9ab; padding-left: 0.8em; margin: 1em 0; }
 .label { font-size: 0.85em; color: #555; text-transform: uppercase; letter-spacing: 0.05em; }
@@ -189,8 +193,9 @@ def trajectories_html(episodes: list[ShownEpisode], out_path: str | os.PathLike,
              f"<h1>{_e(title)}</h1>"]
     if not episodes:
         parts.append("<p>No episodes.</p>")
-    parts.append('<table class="summary"><thead><tr><th>#</th><th>tag</th><th>split</th><th>task</th>'
-                 "<th>iteration</th><th>reward</th><th>success</th><th>turns</th></tr></thead><tbody>")
+    parts.append('<table class="summary"><thead><tr><th>#</th><th>tag</th><th>split</th>'
+                 "<th>task</th><th>iteration</th><th>reward</th><th>success</th><th>turns</th>"
+                 "</tr></thead><tbody>")
     for tag, items in by_tag.items():
         for index, shown in items:
             ep = shown.episode
@@ -277,8 +282,8 @@ def before_after_table(before: dict[str, dict], after: dict[str, dict]) -> str:
     TGC and SGC print as percentages with one decimal, deltas in percentage points; rewards with 3.
     A split missing from one side shows "-".
     """
-    header = ["split", "tasks", "TGC before", "TGC after", "delta", "SGC before", "SGC after", "delta",
-              "reward before", "reward after"]
+    header = ["split", "tasks", "TGC before", "TGC after", "delta", "SGC before", "SGC after",
+              "delta", "reward before", "reward after"]
     splits = list(before) + [split for split in after if split not in before]
     rows = []
     for split in splits:
@@ -292,7 +297,7 @@ def before_after_table(before: dict[str, dict], after: dict[str, dict]) -> str:
 
     def line(cells):
         return " | ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                          for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+                          for i, (cell, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     rule = "-+-".join("-" * w for w in widths)
     return "\n".join([line(header), rule] + [line(row) for row in rows])

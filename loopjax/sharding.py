@@ -13,7 +13,8 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ def warn_cached_cpu_collectives(mesh: Mesh) -> bool:
           and bool(jax.config.jax_compilation_cache_dir))
     if on:
         log.warning(
-            "the persistent compilation cache (%s) is on and the mesh spans %d CPU devices: XLA:CPU "
-            "programs read back from it can hang in their collectives; unset "
+            "the persistent compilation cache (%s) is on and the mesh spans %d CPU devices: "
+            "XLA:CPU programs read back from it can hang in their collectives; unset "
             "JAX_COMPILATION_CACHE_DIR for this run", jax.config.jax_compilation_cache_dir,
             mesh.devices.size)
     return on
@@ -73,13 +74,14 @@ def make_mesh(spec: str | tuple[int, ...] = "1,-1,1", devices=None) -> Mesh:
     if isinstance(spec, str):
         try:
             dims = [int(x) for x in spec.split(",")]
-        except ValueError:
-            raise ValueError(f"mesh spec {spec!r} must be three comma-separated ints, e.g. '1,-1,1'")
+        except ValueError as err:
+            raise ValueError(f"mesh spec {spec!r} must be three comma-separated ints, "
+                             "e.g. '1,-1,1'") from err
     else:
         dims = list(spec)
     if len(dims) != 3 or dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
-        raise ValueError(f"mesh spec {spec!r} must be three positive ints (data,fsdp,tensor), at most "
-                         "one of them -1")
+        raise ValueError(f"mesh spec {spec!r} must be three positive ints (data,fsdp,tensor), "
+                         "at most one of them -1")
     known = int(np.prod([d for d in dims if d != -1]))
     if -1 in dims:
         if n % known:
@@ -106,7 +108,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The rules-table spec of one leaf; axes that do not divide the dimension are dropped."""
     if len(shape) == 0:
         return P()  # scalars: optimizer step counts and the like
-    for pattern, spec in PARTITION_RULES:
+    for pattern, spec in PARTITION_RULES:  # noqa: B007 (the matched rule's, used below)
         if re.search(pattern, path):
             break
     else:
@@ -115,7 +117,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     if len(spec) != len(shape):
         raise ValueError(f"rule {pattern!r} has {len(spec)} axes but {path!r} has shape {shape}")
     fitted = []
-    for dim, axis in zip(shape, spec):
+    for dim, axis in zip(shape, spec, strict=True):
         size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(axis)]))
         # A dimension that does not divide (say 2 kv heads over 4 tensor devices) stays whole.
         fitted.append(axis if dim % size == 0 else None)
@@ -123,7 +125,8 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def param_shardings(mesh: Mesh, tree):
-    """NamedSharding for every leaf of a params / LoRA / optimizer-state pytree (arrays or shapes)."""
+    """NamedSharding for every leaf of a params / LoRA / optimizer-state pytree (arrays or
+    shapes)."""
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(mesh, spec_for(path_str(path), tuple(x.shape), mesh)), tree)
 

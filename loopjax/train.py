@@ -1,9 +1,9 @@
-"""The outer LOOP loop: collect G x K rollouts, leave-one-out advantages, PPO epochs, evaluate, save.
+"""The outer LOOP loop: G x K rollouts, leave-one-out advantages, PPO epochs, evaluate, save.
 
     summary = train.run(config)      # what `python -m experiments.appworld_loop` calls
 
-One iteration (docs/algorithm.md): sample G training tasks -> K rollouts each with the current policy
-(the sampler runs on the learner's own params) -> rewards -> A_k = R_k - mean_{i != k} R_i ->
+One iteration (docs/algorithm.md): sample G training tasks -> K rollouts each with the current
+policy (the sampler runs on the learner's own params) -> rewards -> A_k = R_k - mean_{i != k} R_i ->
 drop |A| < 0.01 -> `epochs_per_iteration` epochs of clipped-surrogate minibatch steps. The run
 starts with a warm start (SFT on ground-truth demonstrations) when the policy cannot act yet and
 evaluates held-out splits before LOOP and after it.
@@ -20,29 +20,38 @@ import logging
 import os
 import shutil
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from loopjax import episodes, eval as evaluation, memory, multihost
+from loopjax import episodes, memory, multihost, warmstart
+from loopjax import eval as evaluation
 from loopjax.checkpoint import Checkpointer, abstract_like, set_aside
 from loopjax.config import TrainConfig
 from loopjax.envs import Env, list_tasks, make_env
 from loopjax.loop import advantages, keep_mask, split_params
 from loopjax.loop.epochs import run_iteration
-from loopjax.loop.update import (TrainState, UpdateStep, init_train_state, make_optimizer,
-                                 make_update_step)
+from loopjax.loop.update import (
+    TrainState,
+    UpdateStep,
+    init_train_state,
+    make_optimizer,
+    make_update_step,
+)
 from loopjax.metrics import MetricsWriter, Timer, progress
 from loopjax.models.config import ModelConfig
 from loopjax.models.tokenizer import Tokenizer
 from loopjax.policy import build_policy
 from loopjax.rollout import CollectionSummary, EpisodeLimits, Rollout, ShownEpisode, collect
 from loopjax.sampling.engine import SamplingEngine
-from loopjax.sharding import (initialize_distributed, make_mesh, microbatch_sharding,
-                              warn_cached_cpu_collectives)
-from loopjax import warmstart
+from loopjax.sharding import (
+    initialize_distributed,
+    make_mesh,
+    microbatch_sharding,
+    warn_cached_cpu_collectives,
+)
 
 log = logging.getLogger("loopjax")
 EVAL_TEMPERATURE = 0.0  # evaluation is greedy, so before/after and run/run compare like for like
@@ -119,9 +128,10 @@ def setup(config: TrainConfig) -> RunState:
         if is_main:
             set_aside(ckpt_dir)
         multihost.barrier("checkpoints set aside")
-    return RunState(c, mesh, sampler_mesh, key, is_main, tokenizer, model_config, train_tasks, demo,
-                    state, update_step, engine, [make_env(c.env) for _ in range(n_slots)],
-                    limits["train"], limits["eval"], Checkpointer(ckpt_dir, keep=c.keep_checkpoints))
+    return RunState(c, mesh, sampler_mesh, key, is_main, tokenizer, model_config, train_tasks,
+                    demo, state, update_step, engine, [make_env(c.env) for _ in range(n_slots)],
+                    limits["train"], limits["eval"],
+                    Checkpointer(ckpt_dir, keep=c.keep_checkpoints))
 
 
 def rollouts(rs: RunState, task_ids, groups, *, limits, key, temperature, desc,
@@ -238,7 +248,8 @@ def iteration(rs: RunState, it: int) -> dict:
             progress=lambda n: progress(n, f"iteration {it} updates", enabled=rs.is_main))
     generated = np.array([r.num_generated for r in records])
     metrics = {
-        "train/reward": np.mean([r.reward for r in records]), "train/success": np.mean([r.success for r in records]),
+        "train/reward": np.mean([r.reward for r in records]),
+        "train/success": np.mean([r.success for r in records]),
         **evaluation.prefixed(evaluation.behaviour(records, c.env), "train/"),
         "train/generated_tokens": generated.mean(),
         "train/episodes_cut": summary.cut, "train/env_failures": len(failed),
@@ -281,9 +292,9 @@ def restore(rs: RunState) -> dict | None:
     return meta
 
 
-def start_from(rs: RunState, run_dir: str, logs: tuple[str, str]) -> dict:
+def start_from(rs: RunState, run_dir: str, logs: tuple[str, str] | None = None) -> dict:
     """rs.state := another run's warm start (its step-0 checkpoint); its "before" evaluation is
-    this run's (meta, and the lines of its metrics and episodes files)."""
+    this run's (meta, and the lines of its metrics and episodes files copied to `logs`)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path) or os.path.abspath(run_dir) == os.path.abspath(rs.config.run_dir):
         raise ValueError(f"--init_from={run_dir}: not another run's folder (no config.json)")
@@ -299,8 +310,9 @@ def start_from(rs: RunState, run_dir: str, logs: tuple[str, str]) -> dict:
     finally:
         source.close()
     rs.state = trained.replace(base=rs.state.base)
-    if rs.is_main:
-        for path, truncate in zip(logs, (evaluation.truncate_metrics, episodes.truncate)):
+    if rs.is_main and logs:
+        for path, truncate in zip(logs, (evaluation.truncate_metrics, episodes.truncate),
+                                  strict=True):
             shutil.copyfile(os.path.join(run_dir, os.path.basename(path)), path)
             truncate(path, 0)
     log.info("started from %s's warm start (step 0)", run_dir)
@@ -309,7 +321,8 @@ def start_from(rs: RunState, run_dir: str, logs: tuple[str, str]) -> dict:
 
 def _write_config(config: TrainConfig, model_config, path: str):
     with open(path, "w") as f:
-        json.dump({"train": config.to_dict(), "model": model_config.__dict__}, f, indent=2, default=str)
+        json.dump({"train": config.to_dict(), "model": model_config.__dict__}, f, indent=2,
+                  default=str)
 
 
 def run(config: TrainConfig) -> dict:
@@ -352,7 +365,8 @@ def run(config: TrainConfig) -> dict:
                                                f"eval/{c.eval_split}/"))
         metrics.update(rs.timer.shares())
         writer.write(it + 1, metrics)
-        log.info("iteration %d: reward %.3f success %.3f kl %.4f clip %.3f (%.1fs collect, %.1fs update)",
+        log.info("iteration %d: reward %.3f success %.3f kl %.4f clip %.3f (%.1fs collect, "
+                 "%.1fs update)",
                  it + 1, metrics["train/reward"], metrics["train/success"],
                  metrics.get("update/kl_k1", 0.0), metrics.get("update/clip_fraction", 0.0),
                  metrics["time/iteration_collect_s"], metrics["time/iteration_update_s"])

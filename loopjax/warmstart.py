@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,15 @@ import optax
 from loopjax.agent import format_code_turn, format_observation, react_messages
 from loopjax.envs import demonstration
 from loopjax.loop.update import rollout_logprobs
-from loopjax.rollout import (Batch, Episode, EpisodeLimits, Rollout, pack_demonstrations,
-                             start_episode, step_episode)
+from loopjax.rollout import (
+    Batch,
+    Episode,
+    EpisodeLimits,
+    Rollout,
+    pack_demonstrations,
+    start_episode,
+    step_episode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,8 @@ def scripted_agents(world: str, careful: float, seed: int) -> Callable[[str], tu
 
     def demo(task_id: str) -> tuple[list[tuple[str, str]], bool]:
         # careful = 1.0 draws both habits every time: the ground truth (envs.demonstration)
-        lookup, paging = np.random.default_rng([seed, zlib.crc32(task_id.encode())]).random(2) < careful
+        lookup, paging = (np.random.default_rng([seed, zlib.crc32(task_id.encode())]).random(2)
+                          < careful)
         turns = demonstration(task_id, world, lookup=bool(lookup), paging=bool(paging))
         return turns, bool(lookup and paging)
     return demo
@@ -57,7 +65,8 @@ def transcripts(env, task_ids, demo, *, compact: bool) -> list[str]:
         for written, code in demo(task_id)[0]:
             texts.append(format_code_turn(written))
             res = env.step(code)
-            texts.append(format_observation(res.output, instruction=obs.instruction, compact=compact))
+            texts.append(format_observation(res.output, instruction=obs.instruction,
+                                            compact=compact))
     return texts
 
 
@@ -78,7 +87,8 @@ def demonstrations(env, tokenizer, task_ids, demo, limits: EpisodeLimits) -> lis
             if end is not None:
                 break
             ids = tokenizer.encode(format_code_turn(written)) + [tokenizer.end_of_turn_id]
-            if len(ids) > limits.max_new_tokens or len(ep.conv.tokens) + len(ids) >= limits.max_seq_len:
+            if (len(ids) > limits.max_new_tokens
+                    or len(ep.conv.tokens) + len(ids) >= limits.max_seq_len):
                 end = "context_full"
                 break
             ep.conv.add_generated(ids, [0.0] * len(ids))

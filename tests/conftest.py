@@ -62,6 +62,7 @@ _cache_single_device_programs_only()
 def as_rollout(tokens, is_output, logp, turn_id, *, reward=0.0, group=0, task_id="task"):
     """A loopjax Rollout from token arrays (tests that need no episode around them)."""
     import numpy as np  # noqa: PLC0415
+
     from loopjax.rollout import Rollout  # noqa: PLC0415
     return Rollout(tokens=np.asarray(tokens, np.int32), is_output=np.asarray(is_output, bool),
                    logp=np.asarray(logp, np.float32), turn_id=np.asarray(turn_id, np.int32),

@@ -13,7 +13,8 @@ FAMILIES = {
     "qwen2": lambda: transformers.Qwen2Config(**TINY, rope_theta=1e6, tie_word_embeddings=True),
     # Qwen3: q/k RMSNorm, head_dim apart from hidden_size / heads.
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=24, rope_theta=1e6),
-    # Llama 3: llama3 rope scaling (short original length so the scaling matters at small positions).
+    # Llama 3: llama3 rope scaling (short original length so the scaling matters at small
+    # positions).
     "llama": lambda: transformers.LlamaConfig(
         **TINY, rope_theta=500000.0, rope_scaling=dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

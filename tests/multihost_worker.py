@@ -41,7 +41,7 @@ def collect_token_reward(*args, **kwargs):
 
 def checked_local_view(tree, mesh_local):
     view = _local_view(tree, mesh_local)
-    for x, v in zip(jax.tree.leaves(tree), jax.tree.leaves(view)):
+    for x, v in zip(jax.tree.leaves(tree), jax.tree.leaves(view), strict=True):
         assert v.sharding.device_set == set(jax.local_devices()), v.sharding
         index, buffer = x.sharding.devices_indices_map(x.shape), {
             s.device: s.data.unsafe_buffer_pointer() for s in x.addressable_shards}

@@ -1,9 +1,16 @@
 """The ReAct prompt, code extraction, observation truncation and formatting."""
 import pytest
 
-from loopjax.agent import (NO_CODE_MESSAGE, TRUNCATION_MARK, Conversation, extract_code,
-                           format_code_turn, format_observation, react_messages,
-                           truncate_observation)
+from loopjax.agent import (
+    NO_CODE_MESSAGE,
+    TRUNCATION_MARK,
+    Conversation,
+    extract_code,
+    format_code_turn,
+    format_observation,
+    react_messages,
+    truncate_observation,
+)
 from loopjax.agent.prompt import EXAMPLE_STEPS
 from loopjax.models.tokenizer import train_sentencepiece
 
@@ -44,7 +51,8 @@ def spm_tok(tmp_path_factory):
     ("```py\nx = 1\n```", "x = 1"),
     ("```Python3\nx = 1\n```", "x = 1"),
     ("a\n```python\nx = 1\n```\nb\n```python\nprint(x)\n```\n", "x = 1\nprint(x)"),  # in order
-    ("```python\nfor i in range(3):\n    print(i)\n", "for i in range(3):\n    print(i)"),  # unclosed
+    # unclosed
+    ("```python\nfor i in range(3):\n    print(i)\n", "for i in range(3):\n    print(i)"),
     ("```python\nx = 1\n```\n```python\ny = 2", "x = 1\ny = 2"),    # closed then unclosed
     ("```python\nprint(1)```", "print(1)"),                          # fence at the end of a line
     ("```json\n{\"a\": 1}\n```\n```python\nx = 1\n```", "x = 1"),   # other languages skipped
@@ -107,7 +115,8 @@ def test_full_prompt_has_instructions_example_and_task(spm_tok):
     roles = [r for r, _ in msgs]
     assert roles[0] == "system" and roles[-1] == "user"
     assert all(r in ("system", "user", "assistant") for r in roles)
-    assert all(a != b for a, b in zip(roles[1:], roles[2:]))  # user/assistant alternate
+    # user/assistant alternate
+    assert all(a != b for a, b in zip(roles[1:], roles[2:], strict=False))
     system = msgs[0][1]
     for must in ("docs before using an API", "exactly one code block per turn",
                  "apis.supervisor.complete_task("):
@@ -138,7 +147,8 @@ def test_compact_prompt_is_short():
 
 def test_format_observation():
     obs = format_observation("[1, 2]", instruction="Count things.")
-    assert obs.startswith("Output:\n```\n[1, 2]\n```") and obs.index("Count things.") > obs.index("[1, 2]")
+    assert (obs.startswith("Output:\n```\n[1, 2]\n```")
+            and obs.index("Count things.") > obs.index("[1, 2]"))
     assert "printed nothing" in format_observation("", instruction="x")
     assert format_observation("7", compact=True) == "Output:\n7"
     assert format_observation("7", instruction="Add.", compact=True) == "Output:\n7\nTask: Add."

@@ -1,8 +1,8 @@
 """The AppWorld adapter against a fake AppWorld environment server that speaks the real protocol.
 
-The fake (below) serves GET / and POST /initialize, /execute, /task_completed, /evaluate, /close with
-the JSON bodies and {"output": ...} replies of AppWorld's appworld/serve/environment.py, over task
-folders laid out as AppWorld's data/ (datasets/<split>.txt, tasks/<id>/specs.json,
+The fake (below) serves GET / and POST /initialize, /execute, /task_completed, /evaluate, /close
+with the JSON bodies and {"output": ...} replies of AppWorld's appworld/serve/environment.py, over
+task folders laid out as AppWorld's data/ (datasets/<split>.txt, tasks/<id>/specs.json,
 tasks/<id>/ground_truth/metadata.json and answer.json). It runs either as a subprocess
 (`python tests/test_appworld.py --port N --root R`, what the adapter manages, kills and restarts)
 or in a thread (an external server_url). Its apis: notes.add/list, supervisor.complete_task, and
@@ -30,8 +30,13 @@ else:
     import pytest
 
     from loopjax.envs import list_tasks, make_env, scenario_id
-    from loopjax.envs.appworld import (AppWorldEnv, AppWorldError, AppWorldUnavailable,
-                                       appworld_task_ids, goal_completion)
+    from loopjax.envs.appworld import (
+        AppWorldEnv,
+        AppWorldError,
+        AppWorldUnavailable,
+        appworld_task_ids,
+        goal_completion,
+    )
     from loopjax.envs.base import EvalResult, StepResult
 
 THIS_FILE = os.path.abspath(__file__)
@@ -132,7 +137,7 @@ def serve_in_thread(root):
 
 
 if __name__ == "__main__":
-    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2], strict=False))
     http.server.ThreadingHTTPServer(("127.0.0.1", int(args["--port"])),
                                     make_handler(args["--root"])).serve_forever()
     sys.exit(0)
@@ -175,7 +180,8 @@ def make_fake_env(aw_root):
     envs = []
 
     def make(**options):
-        env = AppWorldEnv(root=aw_root, server_command=FAKE_COMMAND, startup_timeout_s=30, **options)
+        env = AppWorldEnv(root=aw_root, server_command=FAKE_COMMAND, startup_timeout_s=30,
+                          **options)
         envs.append(env)
         return env
 
@@ -214,7 +220,8 @@ def test_splits_difficulty_and_scenarios(aw_root, monkeypatch):
     assert list_tasks("appworld", "train:difficulty=1,2") == paper
     assert list_tasks("appworld", "paper_train") == paper
     assert list_tasks("appworld", "train:difficulty=3") == ["ccc3333_1"]
-    assert list_tasks("appworld", "dev") == ["ddd4444_1"] and list_tasks("appworld", "test_normal") == []
+    assert (list_tasks("appworld", "dev") == ["ddd4444_1"]
+            and list_tasks("appworld", "test_normal") == [])
     with pytest.raises(ValueError, match="test_challenge"):
         list_tasks("appworld", "validation")
     with pytest.raises(ValueError, match="difficulty"):
@@ -226,7 +233,8 @@ def test_goal_completion_as_appworld_computes_it():
     ok = EvalResult(1, ("t",), (), 1.0, True)
     results = {"a_1": ok, "a_2": True, "a_3": True, "b_1": True, "b_2": False, "c_1": False}
     # TGC: 4 of 6 tasks; SGC: scenario a only of a, b, c.
-    assert goal_completion(results) == {"task_goal_completion": 66.7, "scenario_goal_completion": 33.3}
+    assert goal_completion(results) == {"task_goal_completion": 66.7,
+                                        "scenario_goal_completion": 33.3}
     with pytest.raises(ValueError):
         goal_completion({})
 
@@ -334,11 +342,13 @@ def test_missing_appworld_is_explained(aw_root, tmp_path, monkeypatch):
                  lambda: list_tasks("appworld-synth", "train")):
         with pytest.raises(AppWorldUnavailable) as e:
             call()
-        for command in ("APPWORLD_ROOT", "APPWORLD_PYTHON", "python -m loopjax.envs.appworld_setup"):
+        for command in ("APPWORLD_ROOT", "APPWORLD_PYTHON",
+                        "python -m loopjax.envs.appworld_setup"):
             assert command in str(e.value)
     with pytest.raises(AppWorldUnavailable, match="holds no AppWorld data"):
         make_env("appworld", root=str(tmp_path))
-    with pytest.raises(ValueError, match=r"unknown AppWorld split 'nope'.*has \['dev', 'test_challenge'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown AppWorld split 'nope'.*has \['dev', 'test_challenge'"):
         appworld_task_ids("nope", aw_root)
 
     with pytest.raises(AppWorldUnavailable, match="(?s)set APPWORLD_PYTHON.*appworld_setup"):

@@ -7,7 +7,6 @@ solutions fail; the server survives SIGKILL (replay) and SIGSTOP (timeout, resta
 """
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,7 +25,8 @@ def suite():
     found = installed()
     if found is None:
         if os.environ.get("CI"):
-            pytest.fail("AppWorld is not set up: .ci/run must run python -m loopjax.envs.appworld_setup")
+            pytest.fail("AppWorld is not set up: .ci/run must run "
+                        "python -m loopjax.envs.appworld_setup")
         pytest.skip("run python -m loopjax.envs.appworld_setup to test the real AppWorld engine")
     python, root = found
     with open(os.path.join(root, "suite.json")) as f:
@@ -63,7 +63,8 @@ def test_suite_shape_follows_appworld(suite):
     assert len({app for apps in info["templates"].values() for app in apps}) >= 5
     for task_ids in ids.values():
         for task_id in task_ids:
-            assert task_id.count("_") == 1 and os.path.isdir(os.path.join(root, "data", "tasks", task_id))
+            assert (task_id.count("_") == 1
+                    and os.path.isdir(os.path.join(root, "data", "tasks", task_id)))
     scenarios = {split: {scenario_id(t) for t in task_ids} for split, task_ids in ids.items()}
     for a in SPLITS:  # a scenario lives in one split
         for b in SPLITS:
@@ -72,7 +73,8 @@ def test_suite_shape_follows_appworld(suite):
     def apps(split):
         out = set()
         for t in ids[split]:
-            with open(os.path.join(root, "data", "tasks", t, "ground_truth", "required_apps.json")) as f:
+            with open(os.path.join(root, "data", "tasks", t, "ground_truth",
+                                   "required_apps.json")) as f:
                 out |= set(json.load(f))
         return out
     assert apps("test_challenge") - apps("train"), "test_challenge needs an app train never uses"
@@ -201,7 +203,8 @@ def test_server_listens_on_a_private_unix_socket_only(env):
     path = env.server.url[5:]
     # uvicorn makes the socket file 0666; its folder (mkdtemp's 0700) is what keeps others out
     assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
-    with open(f"/proc/{env.server_pid}/net/tcp") as f4, open(f"/proc/{env.server_pid}/net/tcp6") as f6:
+    with (open(f"/proc/{env.server_pid}/net/tcp") as f4,
+          open(f"/proc/{env.server_pid}/net/tcp6") as f6):
         listening = [ln for ln in (f4.read() + f6.read()).splitlines()[1:] if ln.split()[3] == "0A"]
     inodes = {ln.split()[9] for ln in listening}
     fds = os.listdir(f"/proc/{env.server_pid}/fd")

@@ -1,4 +1,5 @@
-"""Hostile agent code on the real AppWorld engine, through loopjax's adapter (loopjax/envs/appworld_jail.py).
+"""Hostile agent code on the real AppWorld engine, through loopjax's adapter
+(loopjax/envs/appworld_jail.py).
 
 Every case takes a route past AppWorld's own blocklist (its SafetyGuard no-ops `os.system`,
 `open` for writing, `subprocess`, ... during a cell, and refuses some imports by syntax), then
@@ -20,7 +21,6 @@ import pytest
 from loopjax.envs import list_tasks
 from loopjax.envs.appworld import AppWorldEnv
 from loopjax.envs.appworld_server import JAIL_SCRIPT, UNSAFE_ENV
-
 from test_appworld_engine import suite  # noqa: F401 (the set-up fixture: skip or fail in CI)
 
 # Routes past AppWorld's blocklist, each leaving R: name -> the real function.
@@ -87,16 +87,18 @@ def attempts(h):
         "read_ground_truth": (f"_try(lambda: _read({h['gt']!r}))", refused),
         "list_host_root": ("_try(lambda: sorted(_px.listdir('/')))", "RESULT"),
         "read_host_file": (f"_try(lambda: _read({h['canary']!r}))", refused),
-        "exec": (f"_try(lambda: _px.execv('/bin/sh', ['sh', '-c', 'echo x > {h['touch']}']))", refused),
+        "exec": (f"_try(lambda: _px.execv('/bin/sh', ['sh', '-c', 'echo x > {h['touch']}']))",
+                 refused),
         # glibc's system() reports a shell it could not start as exit status 127
         "shell": (f"_try(lambda: _px.system('echo x > {h['touch']}'))", "RESULT 32512"),
-        "network": (f"_try(lambda: _imp('socket').create_connection(('127.0.0.1', {h['port']}), 2))",
-                    refused),
+        "network": (f"_try(lambda: _imp('socket').create_connection(('127.0.0.1', {h['port']}), "
+                    "2))", refused),
         "unix_socket": (f"_try(lambda: _imp('socket').socket(_imp('socket').AF_UNIX).connect("
                         f"{h['server_socket']!r}))", refused),
         "other_outputs": (f"_try(lambda: _write({h['other']!r}, b'x'))", refused),
         "list_outputs": (f"_try(lambda: sorted(_px.listdir({h['outputs']!r})))", "RESULT"),
-        "tamper_evaluator": (f"_try(lambda: _write({h['evaluator']!r}, b'raise SystemExit'))", refused),
+        "tamper_evaluator": (f"_try(lambda: _write({h['evaluator']!r}, b'raise SystemExit'))",
+                             refused),
         "tamper_db": (f"_try(lambda: _write({h['base_db']!r}, b'junk'))", refused),
         "signal_all": ("_try(lambda: _px.kill(-1, 9))", refused),
         "signal_parent": ("_try(lambda: _px.kill(_px.getppid(), 19))", refused),
@@ -106,10 +108,11 @@ def attempts(h):
         "memory": ("_try(lambda: len(bytearray(12 << 30)))", "REFUSED MemoryError"),
         "cpu": ("while True:\n    pass", "timed out"),
         "forge_changes_attach": (FORGE.format(touch=h["touch"]), "RESULT 'forged'"),
-        "ground_truth_in_memory": ("_try(lambda: [type(o).__name__ for o in _imp('gc').get_objects() "
-                                   "if type(o).__name__ == 'GroundTruth' or (type(o).__name__ == 'Task' "
-                                   "and type(o).__module__ == 'appworld.task' and o.ground_truth is not "
-                                   "None)])", "RESULT []"),
+        "ground_truth_in_memory": ("_try(lambda: [type(o).__name__ for o in "
+                                   "_imp('gc').get_objects() if type(o).__name__ == 'GroundTruth' "
+                                   "or (type(o).__name__ == 'Task' and type(o).__module__ == "
+                                   "'appworld.task' and o.ground_truth is not None)])",
+                                   "RESULT []"),
         "garbage_on_fds": ("_try(_spray_fds)", ""),
     }
 
@@ -153,7 +156,8 @@ class Host:
         gt = os.path.join(root, "data", "tasks", self.task, "ground_truth", "evaluation.py")
         self.gt_text = open(gt).read()
         outputs = os.path.join(root, "experiments", "outputs")
-        evaluator = subprocess.run([python, "-c", "import appworld.evaluator as e; print(e.__file__)"],
+        evaluator = subprocess.run([python, "-c",
+                                    "import appworld.evaluator as e; print(e.__file__)"],
                                    capture_output=True, text=True, check=True).stdout.strip()
         self.paths = {
             "gt": gt, "canary": str(self.canary), "touch": str(self.touch),
@@ -215,7 +219,7 @@ def test_hostile_cell_is_contained(host, route, attempt):
     assert host.other.step("print('still', 1 + 1)").output.strip() == "still 2"
 
 
-def test_routes_escape_appworlds_own_guard(suite, tmp_path, monkeypatch):
+def test_routes_escape_appworlds_own_guard(suite, tmp_path, monkeypatch):  # noqa: F811 (fixture)
     """On AppWorld's own server every route reaches the host (so the cases above test the OS
     sandbox, not the routes' failure): each reads the host canary file."""
     python, root, _ = suite
@@ -228,6 +232,7 @@ def test_routes_escape_appworlds_own_guard(suite, tmp_path, monkeypatch):
         for route in ROUTES:
             env.reset(list_tasks("appworld-synth", "dev")[0])
             env.step(ROUTES[route] + TOOLS)
-            assert "host secret 7b1f" in env.step(f"_try(lambda: _read({str(canary)!r}))").output, route
+            assert "host secret 7b1f" in env.step(
+                f"_try(lambda: _read({str(canary)!r}))").output, route
     finally:
         env.close()

@@ -9,11 +9,11 @@ import pytest
 
 from loopjax.envs.base import EvalResult, Observation, StepResult, Supervisor
 from loopjax.loop.update import rollout_logprobs
-from loopjax.rollout.batch import pack_minibatch
 from loopjax.models.config import ModelConfig
 from loopjax.models.lora import LoraConfig, init_lora
 from loopjax.models.tokenizer import train_sentencepiece
 from loopjax.models.transformer import init_params, token_logprobs
+from loopjax.rollout.batch import pack_minibatch
 from loopjax.rollout.collector import EpisodeLimits, collect
 from loopjax.sampling.engine import SamplingEngine
 
@@ -133,7 +133,7 @@ def test_same_key_same_rollouts_with_or_without_overlap(policy):
     tasks, groups = ["t0", "t1", "t2", "t3", "t4"], [0, 0, 1, 1, 2]
     a, _ = _collect(policy, tasks, groups, overlap=True)
     b, _ = _collect(policy, tasks, groups, overlap=False)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.tokens, y.tokens)
 
 

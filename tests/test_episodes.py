@@ -22,8 +22,8 @@ def _rollout(task, turns, passes, failures, group):
 
 def test_lines_give_back_their_records_and_measures(tmp_path):
     rollouts = [
-        _rollout("balance_question.dev.0", (Turn("I look", "print(apis.api_docs.show_api_doc('payments', "
-                                    "'show_balance'))", "{...}"),
+        _rollout("balance_question.dev.0", (Turn("I look", "print(apis.api_docs.show_api_doc("
+                                    "'payments', 'show_balance'))", "{...}"),
                                Turn("now", "b = apis.payments.show_balance()\n1 / 0",
                                     "Traceback: ZeroDivisionError"),
                                Turn("again", "apis.supervisor.complete_task(answer=3)", "ok")),

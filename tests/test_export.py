@@ -39,7 +39,8 @@ def exported(request, tmp_path_factory):
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 13)).astype(np.int32)
     ours = np.asarray(forward(config, params, jnp.asarray(tokens), lora=lora))
     base_logits = np.asarray(forward(config, params, jnp.asarray(tokens)))
-    adapter = export_peft_adapter(str(root / "adapter"), config, lora, lora_config, base_model_path=base)
+    adapter = export_peft_adapter(str(root / "adapter"), config, lora, lora_config,
+                                  base_model_path=base)
     merged = export_merged(str(root / "merged"), config, params, lora)
     return dict(base=base, adapter=adapter, merged=merged, tokens=tokens, ours=ours,
                 base_logits=base_logits, config=config, lora_config=lora_config)
@@ -57,7 +58,8 @@ def test_peft_adapter_matches_loopjax(exported):
 
 def test_merged_checkpoint_matches_loopjax(exported):
     model = transformers.AutoModelForCausalLM.from_pretrained(exported["merged"]).eval()
-    np.testing.assert_allclose(exported["ours"], hf_logits(model, exported["tokens"]), atol=TOL, rtol=0)
+    np.testing.assert_allclose(exported["ours"], hf_logits(model, exported["tokens"]), atol=TOL,
+                               rtol=0)
 
 
 def test_adapter_folder_contents(exported):
@@ -68,13 +70,15 @@ def test_adapter_folder_contents(exported):
     assert cfg["bias"] == "none" and cfg["base_model_name_or_path"] == exported["base"]
     assert cfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj",
                                      "gate_proj", "up_proj", "down_proj"]
-    tensors = safetensors.numpy.load_file(os.path.join(exported["adapter"], "adapter_model.safetensors"))
+    tensors = safetensors.numpy.load_file(os.path.join(exported["adapter"],
+                                                       "adapter_model.safetensors"))
     config = exported["config"]
     assert len(tensors) == 2 * 7 * config.num_layers
     q_out = config.num_heads * config.head_dim
     assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (
         4, config.hidden_size)
-    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].shape == (q_out, 4)
+    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].shape == (
+        q_out, 4)
     assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (
         4, config.intermediate_size)
 
@@ -100,7 +104,8 @@ def test_errors_and_tokenizer_copy(tmp_path):
     lora_config = LoraConfig(rank=2, alpha=4.0)
     lora = _random_lora(config, lora_config)
     with pytest.raises(ValueError, match="lora_config.targets"):
-        export_peft_adapter(str(tmp_path / "x"), config, lora, LoraConfig(rank=2, targets=("q_proj",)))
+        export_peft_adapter(str(tmp_path / "x"), config, lora,
+                            LoraConfig(rank=2, targets=("q_proj",)))
     with pytest.raises(ValueError, match="need a"):
         export_peft_adapter(str(tmp_path / "x"), config, lora, LoraConfig(rank=3, alpha=6.0))
     with pytest.raises(ValueError, match="scale"):
@@ -120,4 +125,5 @@ def test_errors_and_tokenizer_copy(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         export_merged(str(tmp_path / "m2"), config, params, lora, tokenizer_dir=str(empty))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export_merged(str(tmp_path / "m3"), config, params, lora, tokenizer_dir=str(tmp_path / "nope"))
+        export_merged(str(tmp_path / "m3"), config, params, lora,
+                      tokenizer_dir=str(tmp_path / "nope"))

@@ -112,7 +112,8 @@ def test_logits_match_transformers_gguf_load(smol):
         ref = hf_model(torch.tensor([ids])).logits[0].numpy()
     ours = np.asarray(forward(config, params, jnp.asarray([ids])))[0]
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
-    print(f"SmolLM2 GGUF logits, loopjax vs transformers: max rel diff {rel:.2e} over {len(ids)} tokens")
+    print(f"SmolLM2 GGUF logits, loopjax vs transformers: max rel diff {rel:.2e} over "
+          f"{len(ids)} tokens")
     assert rel <= 1e-4  # measured 1.9e-6
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
@@ -196,8 +197,9 @@ def test_one_short_episode_through_the_collector(smol):
                             decode_steps=16)
     env = make_env("miniworld-tiny")
     try:
-        (rec,), _ = collect(engine, params, None, [env], tok, list_tasks("miniworld-tiny", "dev")[:1],
-                            [0], EpisodeLimits(2, 24, 512, 64, compact_prompt=True),
+        (rec,), _ = collect(engine, params, None, [env], tok,
+                            list_tasks("miniworld-tiny", "dev")[:1], [0],
+                            EpisodeLimits(2, 24, 512, 64, compact_prompt=True),
                             key=jax.random.key(0), temperature=0.0, workers=1, overlap=False)
     finally:
         env.close()

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from loopjax import warmstart
 from conftest import as_rollout
+from loopjax import warmstart
 from loopjax.envs import EvalResult, demonstration, ground_truth, list_tasks, make_env
 from loopjax.envs.base import EpisodeRecord, Turn
 from loopjax.envs.behaviour import api_behaviour, call_order, code_habits
@@ -57,7 +57,8 @@ def test_without_lookup_the_agent_writes_first_version_names_that_fail_today(env
 
 
 def test_without_paging_the_answer_is_wrong_exactly_when_it_is_past_the_first_page(env):
-    paged = [t for t in list_tasks(WORLD, "train") if "page_index" in "".join(ground_truth(t, WORLD))]
+    paged = [t for t in list_tasks(WORLD, "train")
+             if "page_index" in "".join(ground_truth(t, WORLD))]
     assert {t.split(".")[0] for t in paged} == {"count_texts", "count_notes", "total_received"}
     right = []
     for task in paged[::2]:
@@ -127,7 +128,8 @@ def test_call_order_reads_docs_logins_and_recovery_in_the_order_run():
     # a login after the app's first other call is not a login before use
     late = (Turn("", "apis.phone.search_contacts()\napis.phone.login()", ok),)
     assert call_order(late)["logged_in"] == set()
-    assert call_order((Turn("", "apis.supervisor.complete_task()", ok),))["docs_before_call"] is None
+    assert call_order(
+        (Turn("", "apis.supervisor.complete_task()", ok),))["docs_before_call"] is None
 
 
 def test_logins_right_for_the_apps_the_ground_truth_logs_into():
@@ -141,8 +143,10 @@ def test_logins_right_for_the_apps_the_ground_truth_logs_into():
     def measure(task, *codes):
         return hook(EpisodeRecord(task, "", turns(*codes, output="ok"), "complete_task", ok))
 
-    assert measure("pay", "apis.venmo.login()", "apis.venmo.create_transaction()")["logins_right"] == 1
-    assert measure("pay", "apis.venmo.create_transaction()", "apis.venmo.login()")["logins_right"] == 0
+    assert measure("pay", "apis.venmo.login()",
+                   "apis.venmo.create_transaction()")["logins_right"] == 1
+    assert measure("pay", "apis.venmo.create_transaction()",
+                   "apis.venmo.login()")["logins_right"] == 0
     assert measure("pay", "apis.phone.login()")["logins_right"] == 0
     assert "logins_right" not in measure("ask", "apis.venmo.login()")
 

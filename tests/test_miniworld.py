@@ -142,7 +142,7 @@ def test_tiny_preset_is_small_and_short():
     # none repeats a train task (instruction, solution and answer), except templates with nothing
     # to vary (the balance question).
     assert preset.shared_people
-    from loopjax.envs.miniworld.tasks import train_instructions, _task_key
+    from loopjax.envs.miniworld.tasks import _task_key, train_instructions
     taken = train_instructions(preset)
     for split in ("dev", "test_normal"):
         repeats = {t.split(".")[0] for t in list_tasks("miniworld-tiny", split)

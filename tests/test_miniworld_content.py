@@ -11,10 +11,10 @@ number, other case and spacing), which succeeds, and as they are, which succeeds
 swapped where the world receives the call, so it takes the ground truth's path to the world.
 """
 import pytest
-import test_sandbox_spray
-from test_sandbox_spray import SPLITS, WORLDS, templates
 
+import test_sandbox_spray
 from loopjax.envs import ground_truth, list_tasks, scenario_id
+from test_sandbox_spray import SPLITS, WORLDS, templates
 
 envs = test_sandbox_spray.envs  # the fixture: one env per preset
 

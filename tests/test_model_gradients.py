@@ -17,7 +17,7 @@ import pytest
 
 from loopjax.models import transformer as tf
 from loopjax.models.config import ModelConfig
-from loopjax.models.lora import LoraConfig, LoRA, init_lora
+from loopjax.models.lora import LoRA, LoraConfig, init_lora
 
 TEMPERATURE = 0.7
 
@@ -46,7 +46,7 @@ def _random(tree, key, scale):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
     return treedef.unflatten([x + scale * jax.random.normal(k, x.shape, x.dtype)
-                              for x, k in zip(leaves, keys)])
+                              for x, k in zip(leaves, keys, strict=True)])
 
 
 def plain_mask(seg, pre=None):
@@ -73,8 +73,8 @@ def reference_logprobs(config, params, lora_weights, lora_scale, tokens, segment
 
     x = params["embed"][tokens]
     for layer in range(config.num_layers):
-        p = jax.tree.map(lambda a: a[layer], params["layers"])
-        lp = jax.tree.map(lambda a: a[layer], lora_weights)
+        p = jax.tree.map(lambda a: a[layer], params["layers"])  # noqa: B023 (run at once)
+        lp = jax.tree.map(lambda a: a[layer], lora_weights)  # noqa: B023 (run at once)
         h = _plain_rms_norm(x, p["attn_norm"], config.rms_norm_eps)
         q = linear(h, p, lp, "q_proj").reshape(B, T, H, Dh)
         k = linear(h, p, lp, "k_proj").reshape(B, T, Hk, Dh)
@@ -110,7 +110,7 @@ def _setup(variant):
 
 def _max_rel_diff(a_tree, b_tree):
     diffs = [float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-             for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree))]
+             for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree), strict=True)]
     return max(diffs)
 
 
@@ -126,7 +126,8 @@ def test_lora_gradients_match_plain_autodiff(variant):
                 lora=lora.replace(weights=w), temperature=TEMPERATURE))
 
         def plain(w):
-            return jnp.sum(weight * reference_logprobs(config, params, w, lora.scale, tokens, seg, pos))
+            return jnp.sum(weight * reference_logprobs(config, params, w, lora.scale, tokens,
+                                                       seg, pos))
 
         value, grads = jax.jit(jax.value_and_grad(fast))(lora.weights)
         ref_value, ref_grads = jax.jit(jax.value_and_grad(plain))(lora.weights)
@@ -178,7 +179,8 @@ def test_needed_positions_only_match_plain_autodiff(variant, trained):
         def plain(p, w):
             return reference_logprobs(config, p, w, scale, tokens, seg, pos)
 
-        loss = lambda f: lambda p, w: jnp.sum(jnp.where(needed, weight * f(p, w), 0.0))
+        def loss(f):
+            return lambda p, w: jnp.sum(jnp.where(needed, weight * f(p, w), 0.0))
         argnum = 1 if trained == "lora" else 0
         lp, ref_lp = jax.jit(fast)(params, lora_w), jax.jit(plain)(params, lora_w)
         assert float(jnp.min(jnp.abs(jnp.where(needed, ref_lp, 1.0)))) > 1e-3  # all live

@@ -47,7 +47,8 @@ def test_parity_padded_batch(checkpoint):
     mask = (np.arange(17)[None] < lengths[:, None]).astype(np.int32)
     tokens = np.where(mask, tokens, 0)
     ref = hf_logits(model, tokens, mask)
-    ours = np.asarray(forward(config, params, jnp.asarray(tokens), segment_ids_BxT=jnp.asarray(mask)))
+    ours = np.asarray(forward(config, params, jnp.asarray(tokens),
+                              segment_ids_BxT=jnp.asarray(mask)))
     for b, n in enumerate(lengths):  # right padding: only real positions are compared
         np.testing.assert_allclose(ours[b, :n], ref[b, :n], atol=TOL, rtol=0)
 
@@ -77,10 +78,12 @@ def test_parity_packed_segments(checkpoint, attention_chunk):
     start = 0
     for s in seqs:
         n = s.shape[1]
-        np.testing.assert_allclose(ours[0, start:start + n], hf_logits(model, s)[0], atol=TOL, rtol=0)
+        np.testing.assert_allclose(ours[0, start:start + n], hf_logits(model, s)[0], atol=TOL,
+                                   rtol=0)
         start += n
 
-    # token_logprobs: log-softmax of the reference logits at the previous position, 0 at segment starts.
+    # token_logprobs: log-softmax of the reference logits at the previous position, 0 at segment
+    # starts.
     logp = np.asarray(token_logprobs(config, params, jnp.asarray(tokens),
                                      positions_BxT=jnp.asarray(positions),
                                      segment_ids_BxT=jnp.asarray(segment_ids)))
@@ -88,7 +91,8 @@ def test_parity_packed_segments(checkpoint, attention_chunk):
     for s in seqs:
         n = s.shape[1]
         ref = hf_logits(model, s)[0].astype(np.float64)
-        ref = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
+        ref = (ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True))
+               - ref.max(-1, keepdims=True))
         expected = [0.0] + [ref[t - 1, s[0, t]] for t in range(1, n)]
         np.testing.assert_allclose(logp[0, start:start + n], expected, atol=TOL, rtol=0)
         start += n
@@ -132,7 +136,8 @@ def test_kv_cache_matches_full_forward(checkpoint, paged):
     np.testing.assert_allclose(l2[1], full[1, 3:7], atol=TOL)
     for t in range(9, 12):  # one-token decode steps on row 0, row 1 idle (padding)
         step = jnp.array([[tokens[0, t]], [0]])
-        lt, cache = forward(config, params, step, segment_ids_BxT=jnp.array([[1], [0]]), cache=cache)
+        lt, cache = forward(config, params, step, segment_ids_BxT=jnp.array([[1], [0]]),
+                            cache=cache)
         np.testing.assert_allclose(lt[0, 0], full[0, t], atol=TOL)
     np.testing.assert_array_equal(cache.lengths_B, [12, 7])
     if paged:
@@ -193,7 +198,8 @@ def test_lora_zero_b_is_base_and_merge_matches(checkpoint):
     lora = lora.replace(weights=weights)
     unmerged = forward(config, params, tokens, lora=lora)
     assert np.abs(np.asarray(unmerged - base)).max() > 1e-3
-    np.testing.assert_allclose(forward(config, merge_lora(params, lora), tokens), unmerged, atol=1e-5)
+    np.testing.assert_allclose(forward(config, merge_lora(params, lora), tokens), unmerged,
+                               atol=1e-5)
 
 
 def test_save_roundtrip_and_sharded_index(tmp_path):
@@ -203,8 +209,8 @@ def test_save_roundtrip_and_sharded_index(tmp_path):
     assert (path / "model.safetensors.index.json").exists()
     config, params = load_hf_checkpoint(str(path))
     tokens = _tokens((1, 8))
-    np.testing.assert_allclose(forward(config, params, jnp.asarray(tokens)), hf_logits(model, tokens),
-                               atol=TOL)
+    np.testing.assert_allclose(forward(config, params, jnp.asarray(tokens)),
+                               hf_logits(model, tokens), atol=TOL)
     out = tmp_path / "exported"
     save_hf_checkpoint(str(out), config, params)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -226,7 +232,8 @@ def test_remat_same_gradients():
     config = ModelConfig(qk_norm=True)
     params = init_params(config, jax.random.key(0))
     tokens = jnp.asarray(_tokens((2, 8), vocab=config.vocab_size))
-    loss = lambda cfg: jax.grad(lambda p: token_logprobs(cfg, p, tokens).sum())(params)
+    def loss(cfg):
+        return jax.grad(lambda p: token_logprobs(cfg, p, tokens).sum())(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                  loss(config), loss(config.replace(remat=True)))
 

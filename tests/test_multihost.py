@@ -91,7 +91,7 @@ def _wait(procs, timeout=600) -> list[str]:
         _kill(procs)
     logs = [open(path).read() for _, path in procs]
     failed = [f"{path} (exit {proc.returncode}):\n{log[-3000:]}"
-              for (proc, path), log in zip(procs, logs) if proc.returncode != 0]
+              for (proc, path), log in zip(procs, logs, strict=True) if proc.returncode != 0]
     assert not failed, "\n\n".join(failed)
     return logs
 
@@ -109,7 +109,8 @@ def _max_diff(a, b) -> dict:
     """Per leaf: (max |a - b|, max |a|)."""
     return {jax.tree_util.keystr(path): (float(np.max(np.abs(x - y), initial=0.0)),
                                          float(np.max(np.abs(x), initial=0.0)))
-            for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))}
+            for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b),
+                                    strict=True)}
 
 
 def _train_metrics(run_dir) -> dict:

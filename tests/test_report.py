@@ -1,4 +1,5 @@
-"""Run-folder outputs: metrics.jsonl + TensorBoard events, progress, Timer, PNG, HTML, console table."""
+"""Run-folder outputs: metrics.jsonl + TensorBoard events, progress, Timer, PNG, HTML, console
+table."""
 import glob
 import json
 import math
@@ -40,7 +41,8 @@ def read_tb_scalars(events_dir):
 def test_metrics_round_trip_nan_and_torn_line(tmp_path):
     with MetricsWriter(tmp_path) as writer:
         writer.write(0, {"train/reward": 0.25, "train/success": True, "note": "warm start"})
-        writer.write(1, {"kl": float("nan"), "big": np.float32(np.inf), "n": np.int64(3)}, prefix="update/")
+        writer.write(1, {"kl": float("nan"), "big": np.float32(np.inf), "n": np.int64(3)},
+                     prefix="update/")
     path = tmp_path / "metrics.jsonl"
     for line in path.read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
@@ -125,7 +127,8 @@ def test_learning_curve_png(tmp_path):
     with MetricsWriter(tmp_path) as writer:
         for step in range(20):
             writer.write(step, {"train/reward": step / 20, "train/success": (step / 20) ** 2,
-                                "update/kl_k3": 0.01 * math.sqrt(step), "update/clip_fraction": 0.1})
+                                "update/kl_k3": 0.01 * math.sqrt(step),
+                                "update/clip_fraction": 0.1})
             if step % 5 == 0:
                 writer.write(step, {"success": step / 25, "reward": step / 22}, prefix="eval/dev/")
                 writer.write(step, {"tgc": step / 30, "num_tasks": 12}, prefix="eval/test_normal/")
@@ -159,7 +162,8 @@ def test_trajectories_html_escapes_and_lists_everything(tmp_path):
     page = open(path, encoding="utf-8").read()
     assert "<script" not in page.lower() and "<img" not in page.lower()
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
-    assert "pay_bob_1" in page and "note_alice_2" in page and "&quot;quoted&quot;&amp;&lt;task&gt;" in page
+    assert ("pay_bob_1" in page and "note_alice_2" in page
+            and "&quot;quoted&quot;&amp;&lt;task&gt;" in page)
     assert '<li class="ok">test_paid_bob</li>' in page
     assert '<li class="bad">test_&lt;b&gt;note&lt;/b&gt;_saved</li>' in page
     assert page.count('<details class="episode"') == 3

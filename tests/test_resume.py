@@ -7,8 +7,8 @@ import types
 import jax
 import numpy as np
 
-from loopjax.checkpoint import Checkpointer
 from loopjax import train
+from loopjax.checkpoint import Checkpointer
 from test_loop_update import lora_update, make, one_device_mesh, random_batch
 
 
@@ -44,9 +44,11 @@ def test_restore_returns_the_saved_state_not_a_fresh_one(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, saved)
     # ... and the saved state really differs from a fresh one everywhere that matters.
     for name in ("trainable", "opt_state", "step", "nan_skips", "gnorm_mean"):
-        leaves = zip(jax.tree.leaves(getattr(saved, name)), jax.tree.leaves(getattr(fresh_host, name)))
+        leaves = zip(jax.tree.leaves(getattr(saved, name)),
+                     jax.tree.leaves(getattr(fresh_host, name)), strict=True)
         assert any(not np.array_equal(a, b) for a, b in leaves), name
-    assert reader.state.base is again.base  # the frozen base comes from the model, not the checkpoint
+    # the frozen base comes from the model, not the checkpoint
+    assert reader.state.base is again.base
 
 
 def test_no_resume_means_no_restore(tmp_path):

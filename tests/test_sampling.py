@@ -70,7 +70,7 @@ def test_greedy_matches_transformers_generate(model):
     for slot, prompt in enumerate(prompts):
         engine.add(slot, prompt, key=jax.random.key(slot), max_new_tokens=64, temperature=0.0)
     gens = engine.generate(params)
-    for prompt, g in zip(prompts, gens):
+    for prompt, g in zip(prompts, gens, strict=True):
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64,
                                     do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -178,7 +178,7 @@ def _check_learner(config, params, lora, runs):
 
 
 def _same_runs(a, b):
-    for (t0, o0, lp0), (t1, o1, lp1) in zip(a, b):
+    for (t0, o0, lp0), (t1, o1, lp1) in zip(a, b, strict=True):
         np.testing.assert_array_equal(t0, t1)
         np.testing.assert_array_equal(o0, o1)
         # fp32: a prefill of another batch shape may round the last bit differently (measured
@@ -272,14 +272,15 @@ def test_sharded_equals_single_device(model):
     config, params, lora, _, _ = model
     mesh = make_mesh("2,2,2")
     sh_params = jax.device_put(params, param_shardings(mesh, params))
-    sh_lora = lora.replace(weights=jax.device_put(lora.weights, param_shardings(mesh, lora.weights)))
+    sh_lora = lora.replace(weights=jax.device_put(lora.weights,
+                                                  param_shardings(mesh, lora.weights)))
     prompts = [_prompt(5 + 9 * i, 30 + i) for i in range(SLOTS)]
     kw = dict(key=jax.random.key(8), max_new_tokens=10, stop_ids=(STOP_ID,), max_len=MAX_LEN,
               prefill_chunk=32, decode_steps=16)
     single = generate(config, params, prompts, lora=lora, **kw)
     sharded = generate(config, sh_params, prompts, lora=sh_lora, mesh=mesh, **kw)
     assert sharded[0].logps.shape == (10,) or sharded[0].stop_reason == STOP
-    for a, b in zip(single, sharded):
+    for a, b in zip(single, sharded, strict=True):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.logps, b.logps, atol=1e-5)
 
@@ -301,7 +302,8 @@ def test_bounded_compiles_over_varied_prompts(model):
             engine.free(g.slot)
             if started < 24:
                 engine.add(g.slot, _prompt(int(rng.integers(1, 80)), started),
-                           key=jax.random.fold_in(key, started), max_new_tokens=int(rng.integers(1, 40)))
+                           key=jax.random.fold_in(key, started),
+                           max_new_tokens=int(rng.integers(1, 40)))
                 started += 1
     assert finished == 24
     new = {k: engine.programs.traces[k] - before.get(k, 0) for k in ("prefill", "decode")}
@@ -343,7 +345,8 @@ def test_sample_tokens_truncation_and_greedy():
     tok, logp = sample_tokens(logits, keys, jnp.zeros(2000))
     assert np.all(tok == 0) and np.allclose(logp, np.log(0.5))
     tok, _ = sample_tokens(logits, keys, jnp.ones(2000))
-    np.testing.assert_allclose(np.bincount(tok, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+    np.testing.assert_allclose(np.bincount(tok, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05],
+                               atol=0.04)
     # jax.random.categorical's draws, key for key (the same Gumbel noise, one argmax).
     np.testing.assert_array_equal(tok, jax.vmap(jax.random.categorical)(keys, logits))
     # Greedy ties go to the first maximum, as jnp.argmax's.
@@ -365,6 +368,7 @@ def test_memory_estimate_is_the_arithmetic(model):
     assert est.cache_bound == SLOTS * MAX_LEN * per_token  # 128 = 16 whole pages per slot
     assert engine.unroll_layers  # on CPU the engine keeps a per-layer copy of the weights too
     assert est.sampler_copy == est.weights and "per-layer copy" in est.describe()
-    assert est.total_now == 2 * est.weights + est.cache_now and "KiB per token held" in est.describe()
+    assert (est.total_now == 2 * est.weights + est.cache_now
+            and "KiB per token held" in est.describe())
     scanned = memory.estimate(_engine(config, unroll_layers=False), (params, lora.weights))
     assert scanned.sampler_copy == 0 and scanned.total_now == est.weights + est.cache_now

@@ -68,7 +68,8 @@ CASES = [
     # -- frames and gc ---------------------------------------------------------------------------
     ("frames", "generator_frame", "def g():\n    yield 1\nprint(g().gi_frame.f_back)",
      r"SandboxViolation: line 3: access to '(gi_frame|f_back)'"),
-    ("frames", "traceback_frame", "try:\n    1 / 0\nexcept Exception as e:\n    print(e.__traceback__)",
+    ("frames", "traceback_frame",
+     "try:\n    1 / 0\nexcept Exception as e:\n    print(e.__traceback__)",
      r"SandboxViolation: line 4: access to '__traceback__'"),
     ("frames", "tb_frame_by_string",
      "try:\n    1 / 0\nexcept Exception as e:\n    print(getattr(e, 'with_traceback'))\n"
@@ -87,7 +88,8 @@ CASES = [
      r"AttributeError"),
     ("patch", "apis_type", "type(apis).__getattr__ = None", r"SandboxViolation"),
     ("patch", "own_json_copy",
-     "import json\njson.dumps = None\nprint(len(apis.phone.search_contacts(page_limit=2)))", r"^2$"),
+     "import json\njson.dumps = None\nprint(len(apis.phone.search_contacts(page_limit=2)))",
+     r"^2$"),
     ("patch", "x_worker_json_encoder",
      "import json\njson.dumps = lambda *a, **k: '{\"op\": 1'\napis.phone.search_contacts()",
      r"protocol violation: a malformed message"),
@@ -102,13 +104,15 @@ CASES = [
     ("frames_forged", "x_wrong_types",
      FRAME + "raw(b'{\"op\": \"done\", \"output\": 5, \"error\": [1]}')\nwhile True: pass",
      r"protocol violation: a malformed done message"),
-    ("frames_forged", "x_deep_nesting", FRAME + "raw(b'[' * 50000 + b']' * 50000)\nwhile True: pass",
+    ("frames_forged", "x_deep_nesting",
+     FRAME + "raw(b'[' * 50000 + b']' * 50000)\nwhile True: pass",
      r"protocol violation: (a malformed message|not a message)"),
     ("frames_forged", "x_deep_kwargs",
      FRAME + "raw(json.dumps({'op': 'call', 'app': 'phone', 'api': 'search_contacts', "
      "'kwargs': {'q': eval('[' * 60 + ']' * 60)}}).encode())\nwhile True: pass",
      r"protocol violation: an unexpected message"),
-    ("frames_forged", "x_huge_length", "import os\nos.write(4, b'\\xff\\xff\\xff\\xff')\nwhile True: pass",
+    ("frames_forged", "x_huge_length",
+     "import os\nos.write(4, b'\\xff\\xff\\xff\\xff')\nwhile True: pass",
      r"protocol violation: a 4294967295-byte message"),
     ("frames_forged", "x_partial_frame_then_hang",
      "import os, struct\nos.write(4, struct.pack('>I', 150000) + b'{\"op\"')\nwhile True: pass",
@@ -119,7 +123,8 @@ CASES = [
     ("frames_forged", "x_forged_done_wrong_cell",
      FRAME + "raw(json.dumps({'op': 'done', 'output': 'All tests passed', 'error': None, "
      "'cell': 99}).encode())\nwhile True: pass", r"protocol violation: a malformed done message"),
-    ("frames_forged", "x_invalid_utf8", FRAME + "raw(b'{\"op\": \"done\", \"output\": \"\\xff\\xfe\"}')",
+    ("frames_forged", "x_invalid_utf8",
+     FRAME + "raw(b'{\"op\": \"done\", \"output\": \"\\xff\\xfe\"}')",
      r"protocol violation: a malformed message"),
     ("frames_forged", "x_nan_constant", FRAME + "raw(b'{\"op\": \"done\", \"output\": NaN}')",
      r"protocol violation: a malformed message"),
@@ -127,24 +132,28 @@ CASES = [
      FRAME + "raw(b'{\"op\": \"call\", \"app\": \"phone\", \"api\": \"x\", \"kwargs\": [1]}')",
      r"protocol violation: an unexpected message"),
     ("frames_forged", "x_long_app_name",
-     FRAME + "raw(json.dumps({'op': 'call', 'app': 'a' * 10000, 'api': 'x', 'kwargs': {}}).encode())",
+     FRAME + "raw(json.dumps({'op': 'call', 'app': 'a' * 10000, 'api': 'x', 'kwargs': {}})"
+     ".encode())",
      r"protocol violation: an unexpected message"),
     ("frames_forged", "x_unknown_op", FRAME + "raw(b'{\"op\": \"shell\", \"cmd\": \"id\"}')",
      r"protocol violation: an unexpected message"),
     ("frames_forged", "x_not_an_object", FRAME + "raw(b'[1, 2, 3]')",
      r"protocol violation: not a message"),
-    ("frames_forged", "x_empty_frame", FRAME + "raw(b'')", r"protocol violation: a malformed message"),
+    ("frames_forged", "x_empty_frame", FRAME + "raw(b'')",
+     r"protocol violation: a malformed message"),
     ("frames_forged", "x_close_channel", "import os\nos.close(4)\nos.close(3)\nwhile True: pass",
      r"the worker process died|TimeoutError"),
     ("frames_forged", "x_exit", "import os\nos._exit(0)", r"the worker process died"),
-    ("frames_forged", "x_segfault", "import ctypes\nctypes.string_at(0)", r"the worker process died"),
+    ("frames_forged", "x_segfault", "import ctypes\nctypes.string_at(0)",
+     r"the worker process died"),
     ("frames_forged", "x_oversized_call_arguments",
      FRAME + "raw(json.dumps({'op': 'call', 'app': 'notes', 'api': 'create_note', "
      "'kwargs': {'title': 't', 'content': 'c' * 100000}}).encode())\nimport sys\n"
      "n = struct.unpack('>I', os.read(3, 4))[0]\nprint(json.loads(os.read(3, n))['error'])",
      r"arguments of apis.notes.create_note are too large \(\d+ > 20000"),
     # -- output and unicode abuse ------------------------------------------------------------------
-    ("output", "huge_print", "print('x' * (50 * 10 ** 6))", r"\[output truncated at 4000 characters\]"),
+    ("output", "huge_print", "print('x' * (50 * 10 ** 6))",
+     r"\[output truncated at 4000 characters\]"),
     ("output", "many_prints", "for i in range(100000):\n    print(i)",
      r"\[output truncated at 4000 characters\]"),
     ("output", "huge_error", "raise ValueError('x' * (10 * 10 ** 6))", r"\[\.\.\. error text cut"),
@@ -154,7 +163,8 @@ CASES = [
      r"^\?\?\?\?\?\n.*ValueError: \?$"),
     ("output", "nul_bytes", "print('a\\x00b')\nraise ValueError('c\\x00d')", r"^a\\x00b\n"),
     ("output", "emoji_flood", "print('\\U0001F600' * 10 ** 6)", r"\[output truncated"),
-    ("output", "str_raises", "class X:\n    def __str__(self):\n        raise KeyError('k')\nprint(X())",
+    ("output", "str_raises",
+     "class X:\n    def __str__(self):\n        raise KeyError('k')\nprint(X())",
      r"KeyError: 'k'"),
     ("output", "exception_str_raises",
      "class E(Exception):\n    def __str__(self):\n        raise ValueError('v')\nraise E()",
@@ -162,7 +172,8 @@ CASES = [
     ("output", "exception_str_huge",
      "class E(Exception):\n    def __str__(self):\n        return 'y' * 10 ** 7\nraise E()",
      r"error text cut"),
-    ("output", "deep_repr", "x = []\nfor i in range(10 ** 5):\n    x = [x]\nprint(x)", r"RecursionError"),
+    ("output", "deep_repr", "x = []\nfor i in range(10 ** 5):\n    x = [x]\nprint(x)",
+     r"RecursionError"),
     # -- CPU, memory, time -----------------------------------------------------------------------
     ("limits", "infinite_loop", "while True:\n    pass", r"TimeoutError: the cell ran past"),
     ("limits", "swallowing_loop",
@@ -185,7 +196,8 @@ CASES = [
      r"ValueError: not allowed to raise maximum limit|PermissionError"),
     ("limits", "sys_exit", "raise SystemExit(0)", r"SystemExit: 0"),
     ("limits", "keyboard_interrupt", "raise KeyboardInterrupt", r"KeyboardInterrupt"),
-    ("limits", "huge_api_argument", "apis.phone.send_text_message(to='x', message='m' * (5 * 10 ** 6))",
+    ("limits", "huge_api_argument",
+     "apis.phone.send_text_message(to='x', message='m' * (5 * 10 ** 6))",
      r"ValueError: API arguments are too large"),
     ("limits", "bad_api_argument", "apis.phone.search_contacts(query=object())",
      r"TypeError: API arguments must be JSON values"),
@@ -293,7 +305,8 @@ def test_variables_survive_a_timeout_and_calls_are_not_repeated(envs):
 def test_world_growth_is_capped(envs):
     env = envs[True]
     env.reset(TASK)
-    res = env.step("for i in range(1000):\n    apis.notes.create_note(title=f't{i}', content='c' * 1000)")
+    res = env.step("for i in range(1000):\n"
+                   "    apis.notes.create_note(title=f't{i}', content='c' * 1000)")
     assert "ApiError" in res.output and "the most one episode may add" in res.output, res.output
     from loopjax.envs.miniworld.env import MAX_NEW_RECORDS, _num_records
     assert _num_records(env.world.state) - env._base_records <= MAX_NEW_RECORDS

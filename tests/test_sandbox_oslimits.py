@@ -136,7 +136,7 @@ def listener():
             for s in (tcp, udp):
                 try:
                     got.append(s.accept() if s is tcp else s.recvfrom(100))
-                except (socket.timeout, OSError):
+                except (TimeoutError, OSError):
                     pass
     t = threading.Thread(target=serve, daemon=True)
     t.start()
@@ -148,7 +148,7 @@ def listener():
 
 
 @pytest.mark.parametrize("name,code,expect", CASES, ids=[c[0] for c in CASES])
-def test_os_boundary_holds(envs, canary, listener, name, code, expect):
+def test_os_boundary_holds(envs, canary, listener, name, code, expect):  # noqa: F811 (fixture)
     env, other = envs
     port, received = listener
     other.reset(TASK)
@@ -201,9 +201,10 @@ def test_user_namespace_path_sandboxes_too():
     """The path taken when not root (or root without CAP_SYS_ADMIN): a user namespace."""
     import dataclasses
     import json
+    import struct
     import subprocess
     import sys
-    import struct
+
     from loopjax.envs.sandbox import WORKER
     limits = dict(dataclasses.asdict(SandboxLimits()), user_namespace=True, python_checks=False)
     p = subprocess.Popen([sys.executable, "-I", "-S", "-B", WORKER, json.dumps(limits)],
@@ -233,7 +234,8 @@ def test_refuses_without_os_sandbox(monkeypatch):
     import loopjax.envs.sandbox as sb
     monkeypatch.setattr(sb, "_probe_result", {sb.sys.executable: "no user namespaces (test)"})
     monkeypatch.delenv(sb.UNSAFE_ENV, raising=False)
-    with pytest.raises(SandboxUnavailable, match="(?s)no user namespaces.*LOOPJAX_UNSAFE_NO_OS_SANDBOX"):
+    with pytest.raises(SandboxUnavailable,
+                       match="(?s)no user namespaces.*LOOPJAX_UNSAFE_NO_OS_SANDBOX"):
         make_env("miniworld-tiny")
     box = Sandbox(SandboxLimits(unsafe_no_os_sandbox=True))  # the explicit, risk-accepting flag
     try:

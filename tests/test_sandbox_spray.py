@@ -133,7 +133,7 @@ def test_spraying_fails(envs, world, template, task):
 
         sink_words = [str(i) for i in range(100, 901)] + people
         solution = ground_truth(task, world)
-        for app, api, kw in adds:
+        for _app, _api, kw in adds:
             for k, v in kw.items():
                 literal = json.dumps(v) if isinstance(v, str) else None
                 if not literal or len(v) < 3 or not any(literal in code for code in solution):

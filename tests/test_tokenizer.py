@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 
 from loopjax.agent.conversation import Conversation
-from loopjax.models.tokenizer import (IM_END, IM_START, HFTokenizer, SentencePieceTokenizer,
-                                      load_tokenizer, pieces_from_chat_template,
-                                      train_sentencepiece)
+from loopjax.models.tokenizer import (
+    IM_END,
+    IM_START,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    pieces_from_chat_template,
+    train_sentencepiece,
+)
 
 CORPUS = [
     "Hello world, this is a user message.",
@@ -46,7 +52,8 @@ QWEN3 = (  # thinking tags on an assistant message after the last user message, 
     "{%- endif %}{%- endfor %}"
     "{%- for message in messages %}"
     "{%- if message.role == 'assistant' and loop.index0 > ns.last_query and loop.last %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + "
+    "'<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
@@ -55,7 +62,8 @@ QWEN3 = (  # thinking tags on an assistant message after the last user message, 
 
 LLAMA3 = (
     "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content']|trim %}"
     "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
     "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
@@ -158,6 +166,7 @@ def test_multi_turn_build_equals_template_rendering(folders, name):
                 ("assistant", "```python\nprint(1)\n```"), ("user", "Output:\n1"),
                 ("assistant", "def f(x):\n    return x"), ("user", "this is a user message.")]
     conv = Conversation(tok)
+    conv_messages = []  # the messages before this one
     for role, text in messages:
         if role == "assistant":
             assert conv.start_assistant() == hf_render(tok, conv_messages, True)
@@ -171,7 +180,8 @@ def test_multi_turn_build_equals_template_rendering(folders, name):
         assert conv.tokens == hf_render(tok, conv_messages)
     assert conv.num_turns == 2 and conv.text_of_turn(1) == "def f(x):\n    return x"
     turn_BxT = conv.as_arrays()["turn_id"]
-    assert set(turn_BxT.tolist()) == {0, 1, 2} and ((turn_BxT > 0) == conv.as_arrays()["is_output"]).all()
+    assert (set(turn_BxT.tolist()) == {0, 1, 2}
+            and ((turn_BxT > 0) == conv.as_arrays()["is_output"]).all())
 
 
 def test_chatml_fallback_and_errors(folders, tmp_path):
@@ -256,7 +266,8 @@ def test_generated_ids_are_never_retokenized(spm_tok):
     assert (arr["logp"][~arr["is_output"]] == 0).all()
     assert ((arr["turn_id"] > 0) == arr["is_output"]).all() and arr["turn_id"].max() == 1
     # Headers are not outputs; after <|im_end|> the suffix's "\n" follows as non-output.
-    assert tok.decode(conv.tokens[n - len(tok.generation_prompt_ids()):n]) == "<|im_start|>assistant\n"
+    assert (tok.decode(conv.tokens[n - len(tok.generation_prompt_ids()):n])
+            == "<|im_start|>assistant\n")
     suffix = tok.turn_suffix_ids("assistant")
     assert conv.tokens[n + len(ids):n + len(ids) + len(suffix) - 1] == suffix[1:]
     assert not arr["is_output"][n + len(ids):].any()

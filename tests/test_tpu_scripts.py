@@ -1,4 +1,5 @@
-"""tpu_scripts/: every script under --dry-run and for real against a fake `gcloud` that records its argv.
+"""tpu_scripts/: every script under --dry-run and for real against a fake `gcloud` that records
+its argv.
 
 The two must agree: what --dry-run prints, split by shlex, is exactly the argv gcloud receives.
 """
@@ -6,9 +7,7 @@ The two must agree: what --dry-run prints, split by shlex, is exactly the argv g
 import importlib.util
 import os
 import shlex
-import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 
@@ -21,7 +20,8 @@ JOB = ["--preset", "appworld-qwen2.5-32b", "--model", "/mnt/models/Qwen2.5-32B-I
 
 
 def _load_tpu():
-    spec = importlib.util.spec_from_file_location("tpu_scripts_tpu", os.path.join(SCRIPTS, "tpu.py"))
+    spec = importlib.util.spec_from_file_location("tpu_scripts_tpu",
+                                                  os.path.join(SCRIPTS, "tpu.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -32,10 +32,11 @@ tpu = _load_tpu()
 
 @pytest.fixture
 def fake_gcloud(tmp_path, monkeypatch):
-    """A `gcloud` first on PATH that appends its argv to calls.log; returns read() -> argvs since last read.
+    """A `gcloud` first on PATH that appends its argv to calls.log; returns read() -> argvs since
+    last read.
 
-    A sh script, not Python: interpreter start-up dominates this test's time on a loaded machine. One
-    record per line, arguments NUL-separated (no argument here contains a newline).
+    A sh script, not Python: interpreter start-up dominates this test's time on a loaded machine.
+    One record per line, arguments NUL-separated (no argument here contains a newline).
     """
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
@@ -68,8 +69,10 @@ def src_repo(tmp_path):
 
 
 def both_ways(command, args, read, capsys):
-    """Run a subcommand with --dry-run and for real; check they agree and return the gcloud argvs."""
-    assert tpu.main([command, "--dry-run", *args]) == 0  # before any `--`: what follows goes to the job
+    """Run a subcommand with --dry-run and for real; check they agree and return the gcloud
+    argvs."""
+    # before any `--`: what follows goes to the job
+    assert tpu.main([command, "--dry-run", *args]) == 0
     assert read() == [], "--dry-run must not call gcloud"
     printed = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     assert printed
@@ -88,13 +91,14 @@ def remote_command(argv):
 
 
 def test_create_tpu_vm_and_queued(fake_gcloud, capsys):
-    [cmd] = both_ways("create", [*NODE, "--accelerator-type", "v5p-64", "--spot"], fake_gcloud, capsys)
+    [cmd] = both_ways("create", [*NODE, "--accelerator-type", "v5p-64", "--spot"], fake_gcloud,
+                      capsys)
     assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "my-tpu"]
-    assert flags(cmd) == {"--zone": "us-east5-a", "--project": "my-proj", "--accelerator-type": "v5p-64",
-                          "--version": "v2-alpha-tpuv5"}
+    assert flags(cmd) == {"--zone": "us-east5-a", "--project": "my-proj",
+                          "--accelerator-type": "v5p-64", "--version": "v2-alpha-tpuv5"}
     assert "--spot" in cmd
-    [cmd] = both_ways("create", [*NODE, "--accelerator-type", "v4-8", "--queued", "--version", "my-rt"],
-                      fake_gcloud, capsys)
+    [cmd] = both_ways("create", [*NODE, "--accelerator-type", "v4-8", "--queued", "--version",
+                                 "my-rt"], fake_gcloud, capsys)
     assert cmd[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "my-tpu"]
     assert flags(cmd) == {"--node-id": "my-tpu", "--zone": "us-east5-a", "--project": "my-proj",
                           "--accelerator-type": "v4-8", "--runtime-version": "my-rt"}
@@ -114,8 +118,8 @@ def test_setup_copies_checkout_and_installs_on_all_workers(fake_gcloud, src_repo
 
 
 def test_setup_git_clone(fake_gcloud, capsys):
-    [ssh] = both_ways("setup", [*NODE, "--repo-url", "https://example.com/loopjax.git", "--branch", "dev",
-                                "--appworld"], fake_gcloud, capsys)
+    [ssh] = both_ways("setup", [*NODE, "--repo-url", "https://example.com/loopjax.git", "--branch",
+                                "dev", "--appworld"], fake_gcloud, capsys)
     assert "--worker=all" in ssh
     remote = remote_command(ssh)
     assert "git clone --depth 1 --branch dev https://example.com/loopjax.git ~/loopjax" in remote
@@ -124,7 +128,8 @@ def test_setup_git_clone(fake_gcloud, capsys):
 
 def test_launch_runs_the_job_in_named_tmux_on_all_workers(fake_gcloud, capsys):
     env_var = "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true --xla_foo='x y'"
-    [ssh] = both_ways("launch", [*NODE, "--session", "loop32b", "--env", env_var, "--", *JOB], fake_gcloud, capsys)
+    [ssh] = both_ways("launch", [*NODE, "--session", "loop32b", "--env", env_var, "--", *JOB],
+                      fake_gcloud, capsys)
     assert "--worker=all" in ssh and "--zone=us-east5-a" in ssh
     remote = remote_command(ssh)
     assert "tmux has-session -t loop32b" in remote  # refuses to start a second copy
@@ -143,24 +148,26 @@ def test_launch_runs_the_job_in_named_tmux_on_all_workers(fake_gcloud, capsys):
 def test_launch_expands_home_on_the_worker(fake_gcloud, capsys):
     """`~/x` and `--opt=~/x` in job args and --env reach the job as the worker's $HOME/x."""
     [ssh] = both_ways("launch", [*NODE, "--env", "JAX_COMPILATION_CACHE_DIR=~/jax cache", "--",
-                                 "--model", "~/models/Qwen 7B", "--run_dir=~/runs/a", "--x=y~/z"], fake_gcloud,
-                      capsys)
+                                 "--model", "~/models/Qwen 7B", "--run_dir=~/runs/a", "--x=y~/z"],
+                      fake_gcloud, capsys)
     tmux = shlex.split(remote_command(ssh).split("; ")[-1].split(" && ", 1)[1])
     job = tmux[5].split(" && ", 1)[1].split(" 2>&1 | ")[0]
     words = subprocess.run(["bash", "-c", f"printf '%s\\n' {job}"], env=dict(os.environ, HOME="/h"),
                            capture_output=True, text=True, check=True).stdout.splitlines()
-    assert words == ["env", "PYTHONUNBUFFERED=1", "JAX_COMPILATION_CACHE_DIR=/h/jax cache", "python3", "-m",
-                     "experiments.appworld_loop", "--model", "/h/models/Qwen 7B", "--run_dir=/h/runs/a",
-                     "--x=y~/z", "--multihost"]
+    assert words == ["env", "PYTHONUNBUFFERED=1", "JAX_COMPILATION_CACHE_DIR=/h/jax cache",
+                     "python3", "-m", "experiments.appworld_loop", "--model", "/h/models/Qwen 7B",
+                     "--run_dir=/h/runs/a", "--x=y~/z", "--multihost"]
 
 
 def test_launch_keeps_an_explicit_multihost(fake_gcloud, capsys):
-    [ssh] = both_ways("launch", [*NODE, "--", "--env", "appworld", "--multihost=false"], fake_gcloud, capsys)
+    [ssh] = both_ways("launch", [*NODE, "--", "--env", "appworld", "--multihost=false"],
+                      fake_gcloud, capsys)
     assert remote_command(ssh).count("--multihost") == 1
 
 
 def test_logs_tails_one_worker(fake_gcloud, capsys):
-    [ssh] = both_ways("logs", [*NODE, "--session", "loop32b", "--worker", "3", "--no-follow"], fake_gcloud, capsys)
+    [ssh] = both_ways("logs", [*NODE, "--session", "loop32b", "--worker", "3", "--no-follow"],
+                      fake_gcloud, capsys)
     assert "--worker=3" in ssh
     assert remote_command(ssh) == "tail -n 100 ~/loopjax_logs/loop32b.log"
 
@@ -203,10 +210,11 @@ def test_missing_gcloud_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_shell_wrappers_forward_to_tpu_py():
-    """Each tpu_scripts/<command>.sh is `tpu.py <command>`; one subprocess each (start-up is slow)."""
-    for command, extra in [("create", ["--accelerator-type", "v4-8"]), ("setup", []), ("launch", []),
-                           ("logs", []), ("stop", []), ("delete", [])]:
-        result = subprocess.run([os.path.join(SCRIPTS, f"{command}.sh"), "--dry-run", *NODE, *extra],
-                                capture_output=True, text=True, timeout=60)
+    """Each tpu_scripts/<command>.sh is `tpu.py <command>`; one subprocess each (start-up is
+    slow)."""
+    for command, extra in [("create", ["--accelerator-type", "v4-8"]), ("setup", []),
+                           ("launch", []), ("logs", []), ("stop", []), ("delete", [])]:
+        result = subprocess.run([os.path.join(SCRIPTS, f"{command}.sh"), "--dry-run", *NODE,
+                                 *extra], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("gcloud compute tpus ")

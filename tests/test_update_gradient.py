@@ -3,8 +3,8 @@
 Adam and the global-norm clip are blind to a gradient's scale, so these tests swap the optimizer for
 plain SGD at learning rate 1 (params_after = params_before - grad): the step's parameter change is
 then its gradient, which is compared with `jax.grad` of a loss written out here rollout by rollout
-(one unpadded forward pass per rollout, the |A| filter and the fixed denominator M by hand). The same
-check runs on one device, with microbatch accumulation, packed rows and the 2x2x2 mesh.
+(one unpadded forward pass per rollout, the |A| filter and the fixed denominator M by hand). The
+same check runs on one device, with microbatch accumulation, packed rows and the 2x2x2 mesh.
 """
 
 import functools
@@ -15,15 +15,15 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import as_rollout
 from loopjax.config import EpochConfig, LoraConfig, UpdateConfig
 from loopjax.loop import update as update_module
 from loopjax.loop.epochs import run_iteration
 from loopjax.loop.update import init_train_state, make_update_step, split_params
 from loopjax.models.lora import init_lora
-from loopjax.rollout.batch import pack_minibatch
 from loopjax.models.transformer import init_params, token_logprobs
+from loopjax.rollout.batch import pack_minibatch
 from loopjax.sharding import make_mesh
-from conftest import as_rollout
 from test_loop_update import CFG, lora_update, make, one_device_mesh, random_rollouts
 
 M = 8  # minibatch slots; 6 hold rollouts, 2 are empty (weight 0), so the denominator M != kept
@@ -51,7 +51,8 @@ def shared_prompt_rollouts(seed=5):
     first_answer = rng.integers(0, CFG.vocab_size, 2)
     out = []
     for i, g in enumerate([0, 0, 0, 1, 1, 2]):
-        tokens, is_output, turn = [prompts[g]], [np.zeros(len(prompts[g]), bool)], [np.zeros(len(prompts[g]), int)]
+        tokens, is_output, turn = ([prompts[g]], [np.zeros(len(prompts[g]), bool)],
+                                   [np.zeros(len(prompts[g]), int)])
         for t in range(int(rng.integers(1, 3))):
             answer = rng.integers(0, CFG.vocab_size, int(rng.integers(2, 5)))
             if i < 2 and t == 0:
@@ -92,7 +93,7 @@ def reference_grad(full_weights, level, positive_only, shared=False):
     def loss(trainable):
         params, lora = split_params(trainable, base)
         total = 0.0
-        for r, a in zip(rollouts, ADV):
+        for r, a in zip(rollouts, ADV, strict=True):
             if abs(a) < MIN_ABS or (positive_only and a <= 0):
                 continue
             logp = token_logprobs(CFG, params, jnp.asarray(r.tokens)[None], lora=lora)[0]
@@ -115,7 +116,8 @@ def _initial(full_weights):
     """(trainable, base) on the host, as every test here starts from them."""
     params = init_params(CFG, jax.random.key(0))
     params["unembed"] = params["unembed"] * 10.0  # policy far from uniform: ratios get clipped
-    params = jax.device_get(params)  # host copies: the update step donates (and so deletes) its input
+    # host copies: the update step donates (and so deletes) its input
+    params = jax.device_get(params)
     if full_weights:
         return params, None
     lora = init_lora(CFG, LoraConfig(), jax.random.key(1))
@@ -148,10 +150,12 @@ PATHS = {  # name: (level, mesh, microbatch_size, packed rows, full weights, adv
     "one_device_microbatches_packed": ("turn", "1,1,1", 2, True, False, False, False),
     "mesh_2x2x2_microbatches": ("token", "2,2,2", 4, False, False, False, False),
     "mesh_2x2x2_turn_packed": ("turn", "2,2,2", 2, True, False, False, False),
-    "mesh_2x2x2_full_weights_trajectory_positive": ("trajectory", "2,2,2", 0, True, True, True, False),
+    "mesh_2x2x2_full_weights_trajectory_positive":
+        ("trajectory", "2,2,2", 0, True, True, True, False),
     "shared_prefix_token": ("token", "1,1,1", 0, True, False, False, True),
     "shared_prefix_turn_microbatches": ("turn", "1,1,1", 2, True, False, False, True),
-    "shared_prefix_mesh_2x2x2_full_weights_trajectory": ("trajectory", "2,2,2", 0, True, True, False, True),
+    "shared_prefix_mesh_2x2x2_full_weights_trajectory":
+        ("trajectory", "2,2,2", 0, True, True, False, True),
 }
 
 
@@ -190,7 +194,8 @@ def test_multi_device_programs_are_never_read_from_the_compile_cache():
         jax.jit(lambda x: jnp.sum(jnp.sin(x) * 1.25)).lower(x).compile()
     assert not hits
     for _ in range(2):
-        jax.jit(lambda x: jnp.sum(jnp.sin(x) * 1.25)).lower(np.arange(64, dtype=np.float32)).compile()
+        jax.jit(lambda x: jnp.sum(jnp.sin(x) * 1.25)).lower(
+            np.arange(64, dtype=np.float32)).compile()
     assert hits  # the second compile (at least) is read from the cache
 
 

@@ -23,12 +23,14 @@ def _sft_state(params, grads_list):
 def test_with_second_moments_carries_nu_and_count_not_mu():
     params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
     rng = np.random.default_rng(0)
-    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32), params)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32),
+                          params)
              for _ in range(3)]
     sft_state = _sft_state(params, grads)
     (sft_adam,) = [x for x in jax.tree.leaves(sft_state, is_leaf=warmstart._is_adam)
                    if warmstart._is_adam(x)]
-    loop_state = warmstart.with_second_moments(make_optimizer(UpdateConfig()).init(params), sft_state)
+    loop_state = warmstart.with_second_moments(make_optimizer(UpdateConfig()).init(params),
+                                               sft_state)
     (adam,) = [x for x in jax.tree.leaves(loop_state, is_leaf=warmstart._is_adam)
                if warmstart._is_adam(x)]
     assert int(adam.count) == 3
@@ -93,7 +95,7 @@ def test_trainer_warm_start_hands_loop_a_placed_optimizer_state(tmp_path, carry)
     assert all(float(jnp.abs(m).max()) == 0 for m in jax.tree.leaves(adam.mu))
     want = jax.tree.leaves(trainer.update_step.state_shardings.opt_state)
     got = [x.sharding for x in jax.tree.leaves(trainer.state.opt_state)]
-    assert len(got) == len(want) and all(g == w for g, w in zip(got, want))
+    assert len(got) == len(want) and all(g == w for g, w in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("mesh_shape", ["1,1,1", "2,2,2"])
@@ -124,4 +126,5 @@ def test_sft_step_is_the_reference_gradient(monkeypatch, mesh_shape):
     got = jax.tree.map(lambda b, a: b - np.asarray(a), params, jax.device_get(trained))
     norm = float(optax.tree.norm(want))
     # fp32 reduction order only: atol 1e-5 of the gradient norm.
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5 * norm, rtol=1e-4), got, want)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5 * norm, rtol=1e-4),
+                 got, want)

@@ -3,7 +3,8 @@
 
     tpu.py create --name N --zone Z --accelerator-type v5p-64 [--version V] [--spot] [--queued]
     tpu.py setup  --name N --zone Z [--repo-url URL --branch B | --src DIR] [--appworld]
-    tpu.py launch --name N --zone Z [--session S] [--env K=V ...] -- --preset appworld-qwen2.5-32b ...
+    tpu.py launch --name N --zone Z [--session S] [--env K=V ...]
+                  -- --preset appworld-qwen2.5-32b ...
     tpu.py logs   --name N --zone Z [--session S] [--worker 0] [--no-follow]
     tpu.py stop   --name N --zone Z [--session S]
     tpu.py delete --name N --zone Z [--queued]
@@ -13,7 +14,7 @@ nothing). Everything after a bare `--` in `launch` is passed verbatim to
 `python -m experiments.appworld_loop`. The job runs in a named tmux session on every worker, so
 `stop` kills exactly that session (`tmux kill-session -t S`) rather than every python process on
 the host, which would also kill unrelated jobs and leave no record of what was stopped.
-"""
+"""  # noqa: E501 (its first line is the --help description, kept whole)
 
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ def remote_path(path: str) -> str:
 
 
 def remote_word(word: str) -> str:
-    """One job argument for the remote shell: `~/x` and `NAME=~/x` / `--opt=~/x` get the worker's home.
+    """One job argument for the remote shell: `~/x` and `NAME=~/x` / `--opt=~/x` get the worker's
+    home.
 
-    A shell expands `~` only at the start of a word, so `--opt=~/x` is rewritten to `--opt="$HOME"/x`.
+    A shell expands `~` only at the start of a word, so `--opt=~/x` is rewritten to
+    `--opt="$HOME"/x`.
     """
     key, eq, value = word.partition("=")
     if eq and value.startswith("~/") and not word.startswith("~/"):
@@ -76,9 +79,10 @@ def cmd_create(args) -> list[list[str]]:
                          f"{args.accelerator_type}; pass --version (e.g. tpu-ubuntu2204-base)")
     spot = ["--spot"] if args.spot else []
     if args.queued:
-        return [["gcloud", "compute", "tpus", "queued-resources", "create", args.queued_id or args.name,
-                 f"--node-id={args.name}", *tpu_flags(args), f"--accelerator-type={args.accelerator_type}",
-                 f"--runtime-version={version}", *spot]]
+        return [["gcloud", "compute", "tpus", "queued-resources", "create",
+                 args.queued_id or args.name, f"--node-id={args.name}", *tpu_flags(args),
+                 f"--accelerator-type={args.accelerator_type}", f"--runtime-version={version}",
+                 *spot]]
     return [["gcloud", "compute", "tpus", "tpu-vm", "create", args.name, *tpu_flags(args),
              f"--accelerator-type={args.accelerator_type}", f"--version={version}", *spot]]
 
@@ -88,7 +92,8 @@ def source_tarball(args) -> str:
 
 
 def pack_source(src: str, out: str) -> None:
-    """Tar the files git would ship (tracked + untracked-but-not-ignored): no .git, venvs or runs."""
+    """Tar the files git would ship (tracked + untracked-but-not-ignored): no .git, venvs or
+    runs."""
     try:
         listed = subprocess.run(["git", "-C", src, "ls-files", "-co", "--exclude-standard", "-z"],
                                 check=True, capture_output=True).stdout
@@ -115,7 +120,8 @@ def cmd_setup(args) -> list[list[str]]:
         fetch = f"mkdir -p {repo} && tar -xzf loopjax-src.tar.gz -C {repo}"
     pip = "python3 -m pip install --user -q"
     steps = ["export PATH=$HOME/.local/bin:$PATH", fetch,
-             "(command -v tmux >/dev/null || (sudo apt-get update -q && sudo apt-get install -y -q tmux))",
+             "(command -v tmux >/dev/null || "
+             "(sudo apt-get update -q && sudo apt-get install -y -q tmux))",
              f"cd {repo}", f"{pip} -e .", f"{pip} -U {shlex.quote(args.jax_spec)}"]
     if args.appworld:  # AppWorld's own installer: its package, its app servers, then its task data
         steps += [f"{pip} appworld", "appworld install", "appworld download data"]
@@ -125,7 +131,8 @@ def cmd_setup(args) -> list[list[str]]:
 
 def job_args(passthrough: list[str]) -> list[str]:
     """The job's CLI with --multihost added unless the caller set it (either way) already."""
-    has = any(a.startswith("--") and a[2:].split("=")[0].replace("-", "_") == "multihost" for a in passthrough)
+    has = any(a.startswith("--") and a[2:].split("=")[0].replace("-", "_") == "multihost"
+              for a in passthrough)
     return passthrough if has else [*passthrough, "--multihost"]
 
 
@@ -138,20 +145,22 @@ def cmd_launch(args) -> list[list[str]]:
         if "=" not in kv or not kv.split("=")[0].isidentifier():
             raise SystemExit(f"tpu.py launch: --env {kv!r} must look like NAME=VALUE")
     session, log = shlex.quote(args.session), remote_path(log_file(args))
-    job = " ".join(map(remote_word, ["env", *DEFAULT_JOB_ENV, *args.env, "python3", "-m", JOB_MODULE,
-                                     *job_args(args.job)]))
+    job = " ".join(map(remote_word, ["env", *DEFAULT_JOB_ENV, *args.env, "python3", "-m",
+                                     JOB_MODULE, *job_args(args.job)]))
     # `tee -a` keeps the output of earlier launches of the same session name in one file.
     in_tmux = f"cd {remote_path(args.remote_dir)} && {job} 2>&1 | tee -a {log}"
     remote = (f"if tmux has-session -t {session} 2>/dev/null; then "
-              f"echo \"tmux session {args.session} already runs on $(hostname); stop it first\" >&2; exit 1; fi; "
-              f"mkdir -p {remote_path(args.log_dir)} && tmux new-session -d -s {session} {shlex.quote(in_tmux)}")
+              f"echo \"tmux session {args.session} already runs on $(hostname); stop it first\" "
+              ">&2; exit 1; fi; "
+              f"mkdir -p {remote_path(args.log_dir)} && tmux new-session -d -s {session} "
+              f"{shlex.quote(in_tmux)}")
     return [ssh(args, remote)]
 
 
 def cmd_logs(args) -> list[list[str]]:
     follow = [] if args.no_follow else ["-F"]
-    return [ssh(args, shlex.join(["tail", "-n", str(args.lines), *follow]) + " " + remote_path(log_file(args)),
-                worker=args.worker)]
+    return [ssh(args, shlex.join(["tail", "-n", str(args.lines), *follow]) + " "
+                      + remote_path(log_file(args)), worker=args.worker)]
 
 
 def cmd_stop(args) -> list[list[str]]:
@@ -162,9 +171,10 @@ def cmd_stop(args) -> list[list[str]]:
 
 def cmd_delete(args) -> list[list[str]]:
     if args.queued:  # --force also deletes the TPU VM the queued resource created
-        return [["gcloud", "compute", "tpus", "queued-resources", "delete", args.queued_id or args.name,
-                 *tpu_flags(args), "--force", "--quiet"]]
-    return [["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *tpu_flags(args), "--quiet"]]
+        return [["gcloud", "compute", "tpus", "queued-resources", "delete",
+                 args.queued_id or args.name, *tpu_flags(args), "--force", "--quiet"]]
+    return [["gcloud", "compute", "tpus", "tpu-vm", "delete", args.name, *tpu_flags(args),
+             "--quiet"]]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -174,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", required=True, help="TPU VM (node) name")
     common.add_argument("--zone", required=True, help="e.g. us-east5-a (v5p), us-central2-b (v4)")
-    common.add_argument("--project", default="", help="GCP project (default: gcloud's configured one)")
+    common.add_argument("--project", default="",
+                        help="GCP project (default: gcloud's configured one)")
     common.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     queued = argparse.ArgumentParser(add_help=False)
-    queued.add_argument("--queued", action="store_true", help="use a queued resource, not tpu-vm create")
+    queued.add_argument("--queued", action="store_true",
+                        help="use a queued resource, not tpu-vm create")
     queued.add_argument("--queued-id", default="", help="queued resource id (default: --name)")
     session = argparse.ArgumentParser(add_help=False)
     session.add_argument("--session", default="loopjax", help="tmux session name of the job")
@@ -193,11 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spot", action="store_true", help="Spot (preemptible) capacity")
     p.set_defaults(fn=cmd_create)
     p = sub.add_parser("setup", parents=[common, remote], help="install loopjax on every worker")
-    p.add_argument("--repo-url", default="", help="git clone this on the workers instead of copying --src")
+    p.add_argument("--repo-url", default="",
+                   help="git clone this on the workers instead of copying --src")
     p.add_argument("--branch", default="main", help="branch to clone with --repo-url")
     p.add_argument("--src", default=REPO_ROOT, help="local checkout to copy (default: this repo)")
     p.add_argument("--jax-spec", default="jax[tpu]", help="pip requirement for JAX on TPU")
-    p.add_argument("--appworld", action="store_true", help="also install AppWorld and download its data")
+    p.add_argument("--appworld", action="store_true",
+                   help="also install AppWorld and download its data")
     p.set_defaults(fn=cmd_setup)
     p = sub.add_parser("launch", parents=[common, session, remote],
                        help="run the job on --worker=all in a tmux session; job args after --")
@@ -209,9 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lines", type=int, default=100, help="lines of history to show")
     p.add_argument("--no-follow", action="store_true", help="print and exit instead of following")
     p.set_defaults(fn=cmd_logs)
-    p = sub.add_parser("stop", parents=[common, session], help="kill the job's tmux session on every worker")
+    p = sub.add_parser("stop", parents=[common, session],
+                       help="kill the job's tmux session on every worker")
     p.set_defaults(fn=cmd_stop)
-    p = sub.add_parser("delete", parents=[common, queued], help="delete the TPU VM (or queued resource)")
+    p = sub.add_parser("delete", parents=[common, queued],
+                       help="delete the TPU VM (or queued resource)")
     p.set_defaults(fn=cmd_delete)
     return parser
 
@@ -232,14 +248,16 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(command))
         return 0
     if shutil.which("gcloud") is None:
-        raise SystemExit("tpu.py: gcloud is not on PATH; install the Google Cloud CLI, or use --dry-run")
+        raise SystemExit("tpu.py: gcloud is not on PATH; install the Google Cloud CLI, or use "
+                         "--dry-run")
     if args.command == "setup" and not args.repo_url:
         pack_source(args.src, source_tarball(args))
     for command in commands:
         print("+", shlex.join(command), file=sys.stderr, flush=True)
         code = subprocess.run(command).returncode
         if code:
-            print(f"tpu.py {args.command}: `{' '.join(command[:5])}` exited with {code}", file=sys.stderr)
+            print(f"tpu.py {args.command}: `{' '.join(command[:5])}` exited with {code}",
+                  file=sys.stderr)
             return code
     return 0
 

@@ -15,7 +15,7 @@ Per token the builder keeps (python lists, the same length):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -118,7 +118,7 @@ class Conversation:
             k += self.num_turns
         if not 0 <= k < self.num_turns:
             raise IndexError(f"turn {k} of a conversation with {self.num_turns} assistant turns")
-        return [t for t, j in zip(self.tokens, self.turn_id) if j == k + 1]
+        return [t for t, j in zip(self.tokens, self.turn_id, strict=True) if j == k + 1]
 
     def text_of_turn(self, k: int) -> str:
         """Decoded text of assistant turn k's generated ids, without a final eos id."""

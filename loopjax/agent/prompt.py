@@ -77,8 +77,9 @@ EXAMPLE_STEPS = [
      "apis.supervisor.complete_task(answer=3)", None),
 ]
 
-COMPACT_SYSTEM = ("Solve the task with Python: one ```python block per turn, using apis.<app>.<api>(...). "
-                  "Read docs with apis.api_docs first. End with apis.supervisor.complete_task(answer=...).")
+COMPACT_SYSTEM = ("Solve the task with Python: one ```python block per turn, using "
+                  "apis.<app>.<api>(...). Read docs with apis.api_docs first. End with "
+                  "apis.supervisor.complete_task(answer=...).")
 
 
 def task_message(instruction: str, *, name: str, email: str, phone: str, date: str) -> str:

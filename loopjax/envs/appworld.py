@@ -11,13 +11,14 @@ offline, with an AppWorld-format task suite built from the package's own apps:
 or point APPWORLD_ROOT (the folder with data/) and APPWORLD_PYTHON at AppWorld's own data and venv
 for make_env("appworld"): the adapter is the same.
 
-Server protocol (AppWorld's appworld/serve/environment.py): POST JSON bodies, replies {"output": ...}:
-/initialize {task_id, experiment_name, timeout_seconds, random_seed, ...} -> task (instruction,
-supervisor, datetime); /execute {task_id, code} -> printed output or "Execution failed. Traceback..";
-/task_completed {task_id} -> bool; /evaluate {task_id, suppress_errors, report} -> TestTracker dict
-{success, difficulty, num_tests, passes: [{requirement, label}], failures: [{requirement, trace, label}]};
-/close {task_id}. GET / answers once the server is up. `ground_truth_mode` is never sent (its
-upstream type is wrong; the server's default, minimal, is what evaluation needs).
+Server protocol (AppWorld's appworld/serve/environment.py): POST JSON bodies, replies
+{"output": ...}: /initialize {task_id, experiment_name, timeout_seconds, random_seed, ...} -> task
+(instruction, supervisor, datetime); /execute {task_id, code} -> printed output or
+"Execution failed. Traceback.."; /task_completed {task_id} -> bool; /evaluate {task_id,
+suppress_errors, report} -> TestTracker dict {success, difficulty, num_tests,
+passes: [{requirement, label}], failures: [{requirement, trace, label}]}; /close {task_id}.
+GET / answers once the server is up. `ground_truth_mode` is never sent (its upstream type is
+wrong; the server's default, minimal, is what evaluation needs).
 
 An episode ends when a cell calls apis.supervisor.complete_task(...): that step() returns
 done=True, any later step() returns done=True with "The task is already completed" and runs
@@ -43,11 +44,17 @@ import logging
 import os
 import textwrap
 from collections import defaultdict
-from typing import Mapping
+from collections.abc import Mapping
 
 # AppWorldConfig, the errors and INSTALL_HELP are imported from here by callers (and tests) too.
-from loopjax.envs.appworld_server import (INSTALL_HELP, AppWorldConfig, AppWorldError,
-                                          AppWorldServer, AppWorldUnavailable, ServerCrash)
+from loopjax.envs.appworld_server import (
+    INSTALL_HELP,
+    AppWorldConfig,
+    AppWorldError,
+    AppWorldServer,
+    AppWorldUnavailable,
+    ServerCrash,
+)
 from loopjax.envs.base import EvalResult, Observation, StepResult, Supervisor, scenario_id
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,8 @@ APPWORLD_APPS = ("api_docs", "supervisor", "amazon", "phone", "file_system", "sp
 
 
 def appworld_root(root: str | None = None) -> str:
-    """The AppWorld root (the folder with data/tasks and data/datasets); raises with install help."""
+    """The AppWorld root (the folder with data/tasks and data/datasets); raises with install
+    help."""
     root = root or os.environ.get("APPWORLD_ROOT")
     if not root:
         raise AppWorldUnavailable(f"APPWORLD_ROOT is not set (the folder where `appworld download "
@@ -71,8 +79,9 @@ def appworld_root(root: str | None = None) -> str:
     root = os.path.abspath(os.path.expanduser(root))
     for sub in ("tasks", "datasets"):
         if not os.path.isdir(os.path.join(root, "data", sub)):
-            raise AppWorldUnavailable(f"{os.path.join(root, 'data', sub)} does not exist: APPWORLD_ROOT="
-                                      f"{root} holds no AppWorld data.\n{INSTALL_HELP}")
+            raise AppWorldUnavailable(f"{os.path.join(root, 'data', sub)} does not exist: "
+                                      f"APPWORLD_ROOT={root} holds no AppWorld data.\n"
+                                      f"{INSTALL_HELP}")
     return root
 
 
@@ -93,18 +102,21 @@ def _synth_installation(home: str, python: str | None) -> tuple[str, str]:
     found = installed(home)
     if found is None:
         raise AppWorldUnavailable("the AppWorld-format suite is not set up (looked in "
-                                  f"$LOOPJAX_APPWORLD_HOME or ~/.cache/loopjax/appworld).\n{INSTALL_HELP}")
+                                  f"$LOOPJAX_APPWORLD_HOME or ~/.cache/loopjax/appworld).\n"
+                                  f"{INSTALL_HELP}")
     return found[0] if python is None else python, found[1]
 
 
 def task_difficulty(task_id: str, root: str | None = None) -> int:
     """A task's difficulty (1-3) from data/tasks/<id>/ground_truth/metadata.json."""
-    path = os.path.join(appworld_root(root), "data", "tasks", task_id, "ground_truth", "metadata.json")
+    path = os.path.join(appworld_root(root), "data", "tasks", task_id, "ground_truth",
+                        "metadata.json")
     try:
         with open(path) as f:
             return int(json.load(f)["difficulty"])
     except (OSError, KeyError, ValueError) as e:
-        raise AppWorldError(f"cannot read the difficulty of task {task_id!r} from {path}: {e}") from e
+        raise AppWorldError(f"cannot read the difficulty of task {task_id!r} from {path}: "
+                            f"{e}") from e
 
 
 def dataset_names(root: str | None = None) -> list[str]:
@@ -130,7 +142,8 @@ def appworld_task_ids(split: str, root: str | None = None) -> list[str]:
         try:
             keep = {int(d) for d in filt[len("difficulty="):].split(",")}
         except ValueError:
-            raise ValueError(f"bad difficulty list in split {split!r}; e.g. 'train:difficulty=1,2'") from None
+            raise ValueError(f"bad difficulty list in split {split!r}; "
+                             "e.g. 'train:difficulty=1,2'") from None
         ids = [t for t in ids if task_difficulty(t, root) in keep]
     return ids
 
@@ -138,7 +151,8 @@ def appworld_task_ids(split: str, root: str | None = None) -> list[str]:
 def solution_cells(task_id: str, root: str | None = None) -> list[str]:
     """A task's ground-truth solution as code cells: the body of `solution(apis, requester)` in
     ground_truth/solution.py (AppWorld's form), split at blank lines between whole statements."""
-    path = os.path.join(appworld_root(root), "data", "tasks", task_id, "ground_truth", "solution.py")
+    path = os.path.join(appworld_root(root), "data", "tasks", task_id, "ground_truth",
+                        "solution.py")
     try:
         with open(path) as f:
             source = f.read()
@@ -210,8 +224,10 @@ class AppWorldEnv:
     # -- Env protocol ---------------------------------------------------------------------------
     def reset(self, task_id: str) -> Observation:
         task_id = str(task_id)
-        if self.root is not None and not os.path.isdir(os.path.join(self.root, "data", "tasks", task_id)):
-            raise ValueError(f"unknown AppWorld task {task_id!r} (no {self.root}/data/tasks/{task_id}); "
+        if (self.root is not None
+                and not os.path.isdir(os.path.join(self.root, "data", "tasks", task_id))):
+            raise ValueError(f"unknown AppWorld task {task_id!r} "
+                             f"(no {self.root}/data/tasks/{task_id}); "
                              "see list_tasks('appworld', split)")
         if self.server.managed and self.server.proc is None:
             self.server.start()
@@ -227,10 +243,12 @@ class AppWorldEnv:
             except ServerCrash as e:
                 # A server that answers 5xx to /initialize is up but cannot load the task (its
                 # data is incomplete or the task broken): restarting would not help.
-                if e.answered or self.restarts >= self.config.max_restarts or not self.server.managed:
+                if (e.answered or self.restarts >= self.config.max_restarts
+                        or not self.server.managed):
                     self.task_id = None  # no episode: step() now asks for a reset
                     raise AppWorldError(f"could not initialize AppWorld task {task_id}: {e}\n"
-                                        f"server log {self.server.log_path}:\n{self.server.log_tail()}")
+                                        f"server log {self.server.log_path}:\n"
+                                        f"{self.server.log_tail()}") from e
                 self._restart(e)
         sup = task["supervisor"]
         return Observation(task_id, task["instruction"],
@@ -294,8 +312,8 @@ class AppWorldEnv:
     def _close_world(self) -> None:
         try:
             self._post("close", {}, self.config.request_timeout_s)
-        except (ServerCrash, AppWorldError) as e:  # closing is best effort: the next task starts anew
-            log.debug("AppWorld /close failed: %s", e)
+        except (ServerCrash, AppWorldError) as e:
+            log.debug("AppWorld /close failed: %s", e)  # best effort: the next task starts anew
 
     def _restart(self, reason) -> None:
         self.restarts += 1

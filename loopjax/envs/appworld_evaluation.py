@@ -74,9 +74,10 @@ def evaluate(root: str, task_id: str, files: dict) -> dict:
                 f.write(text)
         try:
             tracker = evaluate_task(task_id=task_id, experiment_name=experiment,
-                                    suppress_errors=True, save_report=False).to_dict(stats_only=False)
-        except (sqlite3.DatabaseError, ValueError, TypeError) as e:  # denied or malformed statements
-            raise Refused(f"{type(e).__name__}: {e}") from None
+                                    suppress_errors=True,
+                                    save_report=False).to_dict(stats_only=False)
+        except (sqlite3.DatabaseError, ValueError, TypeError) as e:
+            raise Refused(f"{type(e).__name__}: {e}") from None  # denied or malformed statements
     finally:
         shutil.rmtree(top, ignore_errors=True)
     return {"success": bool(tracker["success"]), "num_tests": int(tracker["num_tests"]),

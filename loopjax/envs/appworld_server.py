@@ -31,11 +31,13 @@ import weakref
 
 log = logging.getLogger(__name__)
 
-INSTALL_HELP = """AppWorld runs in its own virtualenv (its pinned dependencies clash with JAX's). Make it,
+INSTALL_HELP = """AppWorld runs in its own virtualenv (its pinned dependencies clash with JAX's). \
+Make it,
 with the AppWorld-format task suite built offline from the package's own apps:
     python -m loopjax.envs.appworld_setup
 and use it with `--env appworld-synth`. With AppWorld's own data (`appworld download data`),
-point the adapter at it: export APPWORLD_ROOT=/path/to/root APPWORLD_PYTHON=/path/to/venv/bin/python"""
+point the adapter at it: export APPWORLD_ROOT=/path/to/root \
+APPWORLD_PYTHON=/path/to/venv/bin/python"""
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # The server loopjax runs: agent code in an OS sandbox, evaluation in a process of its own.
 JAIL_SCRIPT = os.path.join(_HERE, "appworld_jail.py")
@@ -95,7 +97,8 @@ def _free_port() -> int:
 def _has_appworld(python: str) -> bool:
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('appworld') is None)"
     try:
-        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+        return subprocess.run([python, "-c", probe], capture_output=True,
+                              timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -116,7 +119,8 @@ def server_command(config: AppWorldConfig, root: str) -> list[str]:
                                       f"APPWORLD_SERVER_COMMAND).\n{INSTALL_HELP}")
     python = os.path.expanduser(python)
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        raise AppWorldUnavailable(f"APPWORLD_PYTHON={python} is not an executable file.\n{INSTALL_HELP}")
+        raise AppWorldUnavailable(f"APPWORLD_PYTHON={python} is not an executable file.\n"
+                                  f"{INSTALL_HELP}")
     if not _has_appworld(python):
         raise AppWorldUnavailable(f"{python} cannot import appworld.\n{INSTALL_HELP}")
     unsafe = os.environ.get(UNSAFE_ENV, "") not in ("", "0")
@@ -173,13 +177,14 @@ class AppWorldServer:
                                              env=dict(os.environ, APPWORLD_ROOT=self.root),
                                              start_new_session=True)  # its own group, killed as one
             if self._wait_ready():
-                log.info("AppWorld server pid %d at %s (log %s)", self.proc.pid, self.url, self.log_path)
+                log.info("AppWorld server pid %d at %s (log %s)", self.proc.pid, self.url,
+                         self.log_path)
                 return
             tail = self.log_tail()
             self.stop()
             if "address already in use" not in tail.lower():
-                raise AppWorldError(f"the AppWorld server did not start ({shlex.join(cmd)}); the end "
-                                    f"of its log {self.log_path}:\n{tail}\n{INSTALL_HELP}")
+                raise AppWorldError(f"the AppWorld server did not start ({shlex.join(cmd)}); "
+                                    f"the end of its log {self.log_path}:\n{tail}\n{INSTALL_HELP}")
         raise AppWorldError(f"the AppWorld server could not bind a port; see {self.log_path}")
 
     def _fill(self, template: list[str]) -> tuple[list[str], str]:
@@ -210,7 +215,8 @@ class AppWorldServer:
         except (OSError, http.client.HTTPException, ValueError):
             return False
 
-    def _request(self, verb: str, path: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+    def _request(self, verb: str, path: str, body: bytes | None,
+                 timeout: float) -> tuple[int, bytes]:
         """One HTTP request over the server's Unix socket or TCP address: (status, body)."""
         if self.url.startswith("unix:"):
             conn: http.client.HTTPConnection = _UnixConnection(self.url[5:], timeout)

@@ -64,7 +64,8 @@ def _run(cmd: list[str], what: str, **kw) -> str:
 def venv_ready(inst: Installation) -> bool:
     try:
         with open(inst.venv_stamp) as f:
-            return json.load(f).get("appworld") == APPWORLD_VERSION and os.access(inst.python, os.X_OK)
+            return (json.load(f).get("appworld") == APPWORLD_VERSION
+                    and os.access(inst.python, os.X_OK))
     except (OSError, ValueError):
         return False
 

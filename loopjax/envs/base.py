@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,8 +58,8 @@ def call_order(turns: Sequence[Turn]) -> dict:
     first_error = next((i for i, t in enumerate(turns) if shows_error(t.output)), None)
     return {"docs_before_call": (float(sum(called.values()) / len(called)) if called else None),
             "logged_in": logged_in,
-            "recovered": (None if first_error is None else
-                          any(t.code and not shows_error(t.output) for t in turns[first_error + 1:]))}
+            "recovered": (None if first_error is None else any(
+                t.code and not shows_error(t.output) for t in turns[first_error + 1:]))}
 
 
 def api_behaviour(ground_truth: Callable[[str], list[str]] | None

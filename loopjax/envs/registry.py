@@ -5,8 +5,8 @@
 The built-in worlds are registered here: miniworld's presets (miniworld exports its table of
 entries; it does not register itself) and "appworld", whose adapter is imported on first use
 because the real AppWorld is optional, and "appworld-synth": the same adapter on the
-AppWorld-format task suite that `python -m loopjax.envs.appworld_setup` builds offline. A user's world joins with
-`register_world(name, WorldEntry(...))`.
+AppWorld-format task suite that `python -m loopjax.envs.appworld_setup` builds offline. A user's
+world joins with `register_world(name, WorldEntry(...))`.
 """
 from __future__ import annotations
 

@@ -39,11 +39,17 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # SandboxLimits and WORKER are imported from here by callers (miniworld, tests) too.
-from loopjax.envs.sandbox_process import (WORKER, SandboxLimits, WorkerGone, WorkerProcess,
-                                          clean_text)
+from loopjax.envs.sandbox_process import (
+    WORKER,  # noqa: F401 (re-exported, see above)
+    SandboxLimits,
+    WorkerGone,
+    WorkerProcess,
+    clean_text,
+)
 
 Handler = Callable[[str, str, dict], Any]
 UNSAFE_ENV = "LOOPJAX_UNSAFE_NO_OS_SANDBOX"

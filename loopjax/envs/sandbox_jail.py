@@ -101,7 +101,8 @@ def check(ret, what):
 
 
 def mount(libc, src, target, fstype, flags, data=None):
-    enc = (lambda s: None if s is None else s.encode())
+    def enc(s):
+        return None if s is None else s.encode()
     check(libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)),
            f"mount {src or fstype} on {target}")
 
@@ -182,7 +183,8 @@ def bind_ro(libc, src, target):
     mount(libc, src, target, None, MS_BIND | MS_REC)
     st = os.statvfs(src)
     locked = (MS_NOSUID if st.f_flag & os.ST_NOSUID else 0) | \
-        (MS_NODEV if st.f_flag & os.ST_NODEV else 0) | (MS_NOEXEC if st.f_flag & os.ST_NOEXEC else 0)
+        (MS_NODEV if st.f_flag & os.ST_NODEV else 0) | \
+        (MS_NOEXEC if st.f_flag & os.ST_NOEXEC else 0)
     mount(libc, None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
            | locked)
 

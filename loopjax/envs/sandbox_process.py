@@ -26,7 +26,8 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_worke
 class SandboxLimits:
     """Per-worker limits. Wall-clock time is enforced here; the rest inside the worker."""
 
-    time_limit_s: float = 10.0     # wall clock per cell (a replay has its own budget); past it: SIGKILL
+    time_limit_s: float = 10.0     # wall clock per cell (a replay has its own budget); past it:
+                                   # SIGKILL
     cpu_per_cell_s: float = 10.0   # RLIMIT_CPU budget per cell (SIGXCPU kills the worker)
     cpu_total_s: int = 600         # RLIMIT_CPU hard limit for the worker's whole life
     memory_mb: int = 512           # RLIMIT_AS

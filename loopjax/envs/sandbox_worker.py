@@ -17,7 +17,8 @@ Protocol (4-byte big-endian length + UTF-8 JSON, both ways):
   worker -> trainer: {"op": "ready"} | {"op": "refused", "reason": str}
                      | {"op": "call", "app", "api", "kwargs"}
                      | {"op": "done", "output": str, "error": str | null, "cell": int}
-  trainer -> worker: {"op": "exec", "code": str, "cell": int} | {"op": "result", "ok": bool, "value"|"error"}
+  trainer -> worker: {"op": "exec", "code": str, "cell": int}
+                     | {"op": "result", "ok": bool, "value"|"error"}
 """
 import ast
 import builtins

@@ -10,7 +10,7 @@ each microbatch holds their common prompt once (a tree row: loopjax.rollout.batc
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -30,8 +30,8 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     for b in buckets:
         if length <= b:
             return b
-    raise ValueError(f"a rollout of {length} tokens is longer than the largest bucket {buckets[-1]}; "
-                     "add a larger bucket to EpochConfig.buckets")
+    raise ValueError(f"a rollout of {length} tokens is longer than the largest bucket "
+                     f"{buckets[-1]}; add a larger bucket to EpochConfig.buckets")
 
 
 def _shuffled(key, x: np.ndarray) -> np.ndarray:
@@ -57,8 +57,8 @@ def minibatch_plan(adv_N, lengths_N, key, *, minibatch_size: int, epochs: int, m
     return plan
 
 
-def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence[Rollout], adv_N, key,
-                  config: EpochConfig = EpochConfig(), progress=None):
+def run_iteration(update_step: UpdateStep, state: TrainState, rollouts: Sequence[Rollout], adv_N,
+                  key, config: EpochConfig = EpochConfig(), progress=None):
     """`epochs_per_iteration` epochs of minibatch updates over one iteration's rollouts.
 
     Returns (state, metrics): one dict of host floats per step taken, each with its bucket length

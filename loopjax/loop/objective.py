@@ -37,7 +37,6 @@ import jax.numpy as jnp
 
 from loopjax.config import BASELINES, CLIP_FORMS, LEVELS
 
-
 # --------------------------------------------------------------------------- advantages
 
 

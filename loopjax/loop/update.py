@@ -24,14 +24,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from loopjax.config import UpdateConfig
-from loopjax.rollout.batch import Batch
 from loopjax.loop.objective import SUM_KEYS, keep_mask, loss_metrics, policy_loss, step_guard
 from loopjax.models.config import ModelConfig
 from loopjax.models.lora import init_lora
 from loopjax.models.transformer import token_logprobs
+from loopjax.rollout.batch import Batch
 from loopjax.sharding import data_parallel_size, microbatch_sharding, param_shardings
 
 # With skip_outlier_grads: a step whose grad norm is more than OUTLIER_SIGMA standard deviations
@@ -48,7 +49,8 @@ class TrainState:
     base: Any  # frozen base params (None with train_full_weights)
     nan_skips: jax.Array  # int32: steps skipped for a non-finite loss or gradient
     outlier_skips: jax.Array  # int32: steps skipped as grad-norm outliers
-    # Welford running statistics of accepted grad norms (scalars: the sharding table replicates them)
+    # Welford running statistics of accepted grad norms (scalars: the sharding table
+    # replicates them)
     gnorm_count: jax.Array
     gnorm_mean: jax.Array
     gnorm_m2: jax.Array
@@ -75,7 +77,8 @@ def _state_shardings(mesh, state: TrainState):
     return param_shardings(mesh, state)
 
 
-def init_train_state(model_config: ModelConfig, config: UpdateConfig, params, key, mesh) -> TrainState:
+def init_train_state(model_config: ModelConfig, config: UpdateConfig, params, key,
+                     mesh) -> TrainState:
     """A sharded TrainState around `params` (which it takes over, uncopied when already sharded)."""
     params = jax.device_put(params, param_shardings(mesh, params))
     if config.train_full_weights:
@@ -87,8 +90,10 @@ def init_train_state(model_config: ModelConfig, config: UpdateConfig, params, ke
     def build(trainable):
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                           opt_state=optimizer.init(trainable), base=None,
-                          nan_skips=jnp.zeros((), jnp.int32), outlier_skips=jnp.zeros((), jnp.int32),
-                          gnorm_count=jnp.zeros((), jnp.float32), gnorm_mean=jnp.zeros((), jnp.float32),
+                          nan_skips=jnp.zeros((), jnp.int32),
+                          outlier_skips=jnp.zeros((), jnp.int32),
+                          gnorm_count=jnp.zeros((), jnp.float32),
+                          gnorm_mean=jnp.zeros((), jnp.float32),
                           gnorm_m2=jnp.zeros((), jnp.float32))
 
     # Initialize sharded: shapes first, then a jitted init that writes straight into the shards.
@@ -107,7 +112,8 @@ def rollout_logprobs(model_config, trainable, base, mb: Batch, temperature: floa
     # Row positions of generated tokens: only their log-probs are computed (token_logprobs).
     needed_RxT = jnp.zeros(R * T, bool).at[jnp.where(mb.mask_UxBxT, mb.src_UxBxT, R * T)].set(
         True, mode="drop").reshape(R, T)
-    logp_RxT = token_logprobs(model_config, params, mb.tokens_UxRxT, positions_BxT=mb.positions_UxRxT,
+    logp_RxT = token_logprobs(model_config, params, mb.tokens_UxRxT,
+                              positions_BxT=mb.positions_UxRxT,
                               segment_ids_BxT=mb.segment_ids_UxRxT,
                               prefix_ids_BxT=mb.prefix_ids_UxRxT, lora=lora,
                               temperature=temperature, needed_BxT=needed_RxT)
@@ -182,7 +188,8 @@ class UpdateStep:
             model_config = model_config.replace(remat=True)
         if config.minibatch_size % data_parallel_size(mesh):
             raise ValueError(f"minibatch_size {config.minibatch_size} must divide by the "
-                             f"data-parallel size {data_parallel_size(mesh)} of mesh {dict(mesh.shape)}")
+                             f"data-parallel size {data_parallel_size(mesh)} of mesh "
+                             f"{dict(mesh.shape)}")
         self.config = config
         self.mesh = mesh
         optimizer = make_optimizer(config)

@@ -1,14 +1,14 @@
 """Trained LoRA out of loopjax, in the two forms serving stacks load.
 
-- `export_peft_adapter`: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) that
-  `peft.PeftModel.from_pretrained(base, folder)` and vLLM's `--lora-modules name=folder` load on top of
-  the unchanged base checkpoint.
-- `export_merged`: a plain Hugging Face checkpoint with scale * A B folded into each kernel, for stacks
-  that serve one model without adapters.
+- `export_peft_adapter`: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+  that `peft.PeftModel.from_pretrained(base, folder)` and vLLM's `--lora-modules name=folder` load
+  on top of the unchanged base checkpoint.
+- `export_merged`: a plain Hugging Face checkpoint with scale * A B folded into each kernel, for
+  stacks that serve one model without adapters.
 
 Layouts: loopjax keeps weights[proj]["a"] as L x in x r and ["b"] as L x r x out (x @ A @ B); PEFT's
-torch Linear layers store lora_A.weight as r x in and lora_B.weight as out x r, so each is transposed.
-PEFT applies scaling = lora_alpha / r, which is loopjax's `lora.scale`.
+torch Linear layers store lora_A.weight as r x in and lora_B.weight as out x r, so each is
+transposed. PEFT applies scaling = lora_alpha / r, which is loopjax's `lora.scale`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ _MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn
               "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _PEFT_PREFIX = "base_model.model.model.layers.{i}.{module}.{proj}"
 
-# Files a tokenizer folder may hold; copied next to a merged checkpoint so it is servable on its own.
+# Files a tokenizer folder may hold; copied next to a merged checkpoint so that it is servable
+# on its own.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -53,7 +54,8 @@ def _check_lora(model_config: ModelConfig, lora: LoRA, lora_config: LoraConfig) 
         raise ValueError(f"lora has projections {unknown or '()'}; expected some of {PROJECTIONS}")
     if set(lora.weights) != set(lora_config.targets):
         raise ValueError(f"lora adapts {sorted(lora.weights)} but lora_config.targets is "
-                         f"{sorted(lora_config.targets)}: pass the LoraConfig the adapter was made with")
+                         f"{sorted(lora_config.targets)}: "
+                         "pass the LoraConfig the adapter was made with")
     if not np.isclose(lora.scale, lora_config.scale):
         raise ValueError(f"lora.scale {lora.scale} != lora_config alpha/rank {lora_config.scale}")
     shapes = projection_shapes(model_config)
@@ -66,7 +68,8 @@ def _check_lora(model_config: ModelConfig, lora: LoRA, lora_config: LoraConfig) 
     return r
 
 
-def peft_adapter_tensors(model_config: ModelConfig, lora: LoRA, dtype=None) -> dict[str, np.ndarray]:
+def peft_adapter_tensors(model_config: ModelConfig, lora: LoRA,
+                         dtype=None) -> dict[str, np.ndarray]:
     """The adapter as PEFT tensor names -> arrays (lora_A r x in, lora_B out x r per layer)."""
     out = {}
     for name, ab in lora.weights.items():
@@ -81,12 +84,14 @@ def peft_adapter_tensors(model_config: ModelConfig, lora: LoRA, dtype=None) -> d
     return out
 
 
-def export_peft_adapter(out_dir: str, model_config: ModelConfig, lora: LoRA, lora_config: LoraConfig,
-                        base_model_path: str | None = None, dtype: str | None = None) -> str:
+def export_peft_adapter(out_dir: str, model_config: ModelConfig, lora: LoRA,
+                        lora_config: LoraConfig, base_model_path: str | None = None,
+                        dtype: str | None = None) -> str:
     """Writes a PEFT LoRA adapter folder; returns out_dir.
 
     base_model_path goes into adapter_config.json's base_model_name_or_path (what PEFT loads when
-    given only the adapter); dtype ("float32", "bfloat16", None = the adapter's own) sets the tensors'.
+    given only the adapter); dtype ("float32", "bfloat16", None = the adapter's own) sets the
+    tensors'.
     """
     rank = _check_lora(model_config, lora, lora_config)
     os.makedirs(out_dir, exist_ok=True)

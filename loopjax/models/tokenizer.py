@@ -1,11 +1,12 @@
-"""Tokenizers for loopjax: one small interface over a local transformers tokenizer or a SentencePiece model.
+"""Tokenizers for loopjax: one small interface over a local transformers tokenizer or a
+SentencePiece model.
 
 The rest of loopjax needs only: `encode(text)` (content, no special tokens added), `decode(ids)`,
-`vocab_size`, `eos_ids`, `pad_id`, and the chat pieces -- the ids before and after a message's content
-(`turn_prefix_ids(role)`, `turn_suffix_ids(role)`), the ids that open a conversation (`begin_ids()`)
-and the assistant generation prompt (`generation_prompt_ids()`). A conversation is then built by
-concatenating ids (see `loopjax.agent.conversation.Conversation`), never by re-rendering text, so
-tokens the sampler generated are never re-tokenized.
+`vocab_size`, `eos_ids`, `pad_id`, and the chat pieces -- the ids before and after a message's
+content (`turn_prefix_ids(role)`, `turn_suffix_ids(role)`), the ids that open a conversation
+(`begin_ids()`) and the assistant generation prompt (`generation_prompt_ids()`). A conversation is
+then built by concatenating ids (see `loopjax.agent.conversation.Conversation`), never by
+re-rendering text, so tokens the sampler generated are never re-tokenized.
 
 `encode` treats its text literally: a special-token string inside content (an observation that
 prints "<|im_end|>") is encoded as plain characters, so environment output cannot end a turn.
@@ -22,7 +23,7 @@ import json
 import os
 import re
 import warnings
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CHAT_ROLES = ("system", "user", "assistant")
@@ -86,7 +87,8 @@ class Tokenizer:
     def _role(self, role: str, table: dict[str, list[int]]) -> list[int]:
         if role not in table:
             if not self.pieces.any_role:
-                raise KeyError(f"role {role!r} is not in this chat template; use one of {sorted(table)}")
+                raise KeyError(f"role {role!r} is not in this chat template; use one of "
+                               f"{sorted(table)}")
             generic = chatml_pieces()  # only ChatML renders arbitrary roles
             text = f"{IM_START}{role}\n" if table is self._prefix else generic.suffix["user"]
             table[role] = self._encode_markup(text)
@@ -119,7 +121,8 @@ class Tokenizer:
         return self.turn_prefix_ids(role) + self.encode(text) + self.turn_suffix_ids(role)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_ids={sorted(self.eos_ids)})"
+        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, "
+                f"eos_ids={sorted(self.eos_ids)})")
 
 
 def _split_specials(text: str, specials: Sequence[str]) -> list[tuple[str, bool]]:
@@ -132,7 +135,8 @@ def _split_specials(text: str, specials: Sequence[str]) -> list[tuple[str, bool]
 
 # ----------------------------------------------------------------------------- transformers
 class HFTokenizer(Tokenizer):
-    """A transformers tokenizer (AutoTokenizer, local files only) with pieces from its chat template."""
+    """A transformers tokenizer (AutoTokenizer, local files only) with pieces from its chat
+    template."""
 
     def __init__(self, hf_tokenizer, pieces: ChatPieces, extra_eos_ids: Iterable[int] = ()):
         self.hf = hf_tokenizer
@@ -149,7 +153,8 @@ class HFTokenizer(Tokenizer):
         probe = "def f(x):\n    return {'a': [x, \"b\"]}\n\n\tz = 1  # ok\n"
         if self.decode(self.encode(probe)) != probe:
             warnings.warn(f"{hf_tokenizer.name_or_path}: decode(encode(text)) != text; loopjax "
-                          "expects tokenizers that round-trip text exactly (byte-level BPE)")
+                          "expects tokenizers that round-trip text exactly (byte-level BPE)",
+                          stacklevel=1)
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False, split_special_tokens=True))
@@ -158,7 +163,8 @@ class HFTokenizer(Tokenizer):
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.hf.decode(list(ids), skip_special_tokens=False,
+                              clean_up_tokenization_spaces=False)
 
 
 def pieces_from_chat_template(render: Callable[[list[dict], bool], str],
@@ -177,7 +183,7 @@ def pieces_from_chat_template(render: Callable[[list[dict], bool], str],
     """
     roles = ["system", "user", "assistant", "user", "assistant", "user"]
     marks = [f"@@loopjax-sentinel-{i}@@" for i in range(len(roles))]
-    msgs = [{"role": r, "content": m} for r, m in zip(roles, marks)]
+    msgs = [{"role": r, "content": m} for r, m in zip(roles, marks, strict=True)]
     full = render(msgs, False)
     with_gen = render(msgs, True)
     cut = render(msgs[:5], False)
@@ -189,13 +195,14 @@ def pieces_from_chat_template(render: Callable[[list[dict], bool], str],
         return text.index(mark)
 
     starts = [where(full, m) for m in marks]
-    ends = [s + len(m) for s, m in zip(starts, marks)]
+    ends = [s + len(m) for s, m in zip(starts, marks, strict=True)]
     gaps = [full[ends[i]:starts[i + 1]] for i in range(len(marks) - 1)]
     suffix_user = full[ends[-1]:]
     suffix_asst = cut[where(cut, marks[4]) + len(marks[4]):]
 
     def strip(text: str, head: str = "", tail: str = "") -> str:
-        if not (text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)):
+        if not (text.startswith(head) and text.endswith(tail)
+                and len(text) >= len(head) + len(tail)):
             raise ValueError(f"cannot split the chat template's text {text!r} into "
                              f"{head!r} + ... + {tail!r}; this template is not supported")
         return text[len(head):len(text) - len(tail)]
@@ -303,7 +310,8 @@ class SentencePieceTokenizer(Tokenizer):
         with open(os.path.join(out_dir, SPM_MODEL_FILE), "wb") as f:
             f.write(self._proto)
         with open(os.path.join(out_dir, SPM_META_FILE), "w") as f:
-            json.dump({"format": "sentencepiece", "chat_format": "chatml", "model": SPM_MODEL_FILE}, f)
+            json.dump({"format": "sentencepiece", "chat_format": "chatml",
+                       "model": SPM_MODEL_FILE}, f)
 
 
 def train_sentencepiece(corpus: Iterable[str], out_dir: str, vocab_size: int = 1024,

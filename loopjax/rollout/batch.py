@@ -13,7 +13,7 @@ step scans over axis 0 and reads rows with no index arithmetic.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -50,8 +50,8 @@ class Batch:
 
     Forward rows [U, R, T]:
     tokens_UxRxT      int32  token ids; 0 on padding
-    positions_UxRxT   int32  RoPE positions, restarting at 0 for each rollout of a row (a branch of a
-                             tree continues from its prefix)
+    positions_UxRxT   int32  RoPE positions, restarting at 0 for each rollout of a row (a branch of
+                             a tree continues from its prefix)
     segment_ids_UxRxT int32  1, 2, ... for the rollouts of a row (attention stays inside one); 0 pad
     prefix_ids_UxRxT  int32  the segment of a shared prompt each token also attends to (0: none;
                              `pack_minibatch(share_prefix=True)` makes a task's rollouts a tree)
@@ -105,7 +105,8 @@ def _row_count(need: int, per_micro: int, multiple: int) -> int:
 
 
 def forward_rows(lengths: Sequence[int], length: int, *, pack: bool, microbatches: int = 1,
-                 multiple: int = 1, slots: int | None = None) -> tuple[int, list[tuple[int, int, int]]]:
+                 multiple: int = 1,
+                 slots: int | None = None) -> tuple[int, list[tuple[int, int, int]]]:
     """Where each of a minibatch's rollouts goes: (R rows per microbatch,
     [(microbatch, row, offset) per rollout]).
 
@@ -227,7 +228,8 @@ def pack_minibatch(rollouts: Sequence[Rollout], adv_N, slots: int, length: int, 
     if len(rollouts) > slots:
         raise ValueError(f"{len(rollouts)} rollouts do not fit a minibatch of {slots} rows")
     if slots % microbatches:
-        raise ValueError(f"a minibatch of {slots} rows does not split into {microbatches} microbatches")
+        raise ValueError(f"a minibatch of {slots} rows does not split into {microbatches} "
+                         "microbatches")
     lengths = [len(r.tokens) for r in rollouts]
     for i, n in enumerate(lengths):
         if n > length:

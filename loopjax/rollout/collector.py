@@ -18,11 +18,17 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from loopjax.agent import NO_CODE_MESSAGE, Conversation, extract_code, format_observation, react_messages
+from loopjax.agent import (
+    NO_CODE_MESSAGE,
+    Conversation,
+    extract_code,
+    format_observation,
+    react_messages,
+)
 from loopjax.envs.base import EpisodeRecord, EvalResult, Turn
 from loopjax.rollout.batch import Rollout
 from loopjax.rollout.records import CollectionSummary
@@ -77,7 +83,7 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
     import jax  # noqa: PLC0415
 
     indices = range(len(task_ids)) if indices is None else indices
-    episodes = [Episode(i, t, g) for i, t, g in zip(indices, task_ids, groups)]
+    episodes = [Episode(i, t, g) for i, t, g in zip(indices, task_ids, groups, strict=False)]
     queue = list(reversed(episodes))
     num_slots = min(engine.num_slots, len(envs))
     free_slots = list(reversed(range(num_slots)))
@@ -141,7 +147,8 @@ def collect(engine, params, lora, envs: Sequence, tokenizer, task_ids: Sequence[
             pending = [ep.future for ep in by_slot.values() if ep.future is not None]
             t0 = time.perf_counter()
             if pending and (not overlap or not engine.busy()):
-                cf.wait(pending, return_when=cf.ALL_COMPLETED if not overlap else cf.FIRST_COMPLETED)
+                cf.wait(pending,
+                        return_when=cf.ALL_COMPLETED if not overlap else cf.FIRST_COMPLETED)
             env_wait_s += time.perf_counter() - t0
             for ep in sorted(by_slot.values(), key=lambda e: e.index):
                 if ep.future is not None and ep.future.done():

@@ -85,7 +85,8 @@ class SamplingEngine:
             raise ValueError(f"prefill_chunk ({prefill_chunk}), decode_steps ({decode_steps}) and "
                              f"page_size ({page_size}) must be positive")
         if not 0.0 < top_p <= 1.0 or top_k < 0:
-            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0 (0 = off); got {top_p}, {top_k}")
+            raise ValueError(f"top_p must be in (0, 1] and top_k >= 0 (0 = off); got {top_p}, "
+                             f"{top_k}")
         self.config, self.num_slots, self.max_len, self.mesh = config, num_slots, max_len, mesh
         self.prefill_chunk, self.decode_steps = pow2(prefill_chunk), decode_steps
         self.page_size = pow2(page_size)
@@ -201,7 +202,8 @@ class SamplingEngine:
         rec = self.slots[slot]
         if rec.status == FREE:
             if key is None:
-                raise ValueError(f"slot {slot} is free: starting an episode needs key=<its PRNG key>")
+                raise ValueError(f"slot {slot} is free: starting an episode needs "
+                                 "key=<its PRNG key>")
             if not ids:
                 raise ValueError(f"slot {slot}: a new episode needs at least one prompt token")
             is_typed = jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
@@ -316,7 +318,7 @@ class SamplingEngine:
                 params, lora, k=self.pool.k, v=self.pool.v, table=table,
                 tokens=np.pad(tokens, ((0, pad), (0, 0))), seg=np.pad(seg, ((0, pad), (0, 0))),
                 lengths=np.pad(lengths, (0, pad)))
-            for s, written in zip(slots, seg.sum(1)):
+            for s, written in zip(slots, seg.sum(1), strict=True):
                 self.slots[s].length += int(written)
 
     def _decode(self, params, lora, slots) -> list[Generation]:
@@ -325,7 +327,7 @@ class SamplingEngine:
                                # a sampled token sits at position length + 1 + (steps so far);
                                # the last one that fits is at max_len - 1
                                self.max_len - 1 - r.length) for r in recs], np.int32)
-        for s, b in zip(slots, budget):  # the call writes positions [length, length + steps)
+        for s, b in zip(slots, budget, strict=True):  # the call writes [length, length + steps)
             self._ensure(s, self.slots[s].length + min(steps, int(b)))
         lengths = self._lengths(slots)
         window = self._len_bucket(int(lengths.max()) + min(steps, int(budget.max())))
@@ -344,7 +346,7 @@ class SamplingEngine:
         out_ids, out_logps, n_out = (np.asarray(out.ids_BxN), np.asarray(out.logps_BxN),
                                      np.asarray(out.n_out_B))
         finished = []
-        for i, (s, rec) in enumerate(zip(slots, recs)):
+        for i, (s, rec) in enumerate(zip(slots, recs, strict=True)):
             k = int(n_out[i])
             ids = out_ids[i, :k]
             rec.out_ids.append(ids)
@@ -379,7 +381,8 @@ class SamplingEngine:
 def generate(config: ModelConfig, params, prompts, *, key, lora=None, max_new_tokens: int = 1500,
              stop_ids=(), temperature: float = 1.0, mesh=None, max_len: int | None = None,
              **engine_kwargs) -> list[Generation]:
-    """One reply per prompt (a list of token-id lists); prompt i's episode key is fold_in(key, i)."""
+    """One reply per prompt (a list of token-id lists); prompt i's episode key is
+    fold_in(key, i)."""
     if not prompts:
         return []
     longest = max(len(p) for p in prompts)

@@ -34,7 +34,7 @@ def pow2(n: int, lo: int = 1) -> int:
 def _fit(spec: P, shape, mesh) -> P:
     """Drops mesh axes that do not divide their dimension (as loopjax.sharding does for params)."""
     out = []
-    for dim, axis in zip(shape, spec):
+    for dim, axis in zip(shape, spec, strict=False):
         size = 1 if axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(axis)]))
         out.append(axis if dim % size == 0 else None)
     return P(*out)

@@ -3,9 +3,10 @@
 One `Programs` per (hashable) config, so engines of the same model share compiled code. The pool
 (k, v) is donated. Each call works on a bucket of rows (the busy slots' page tables, row count
 rounded up to a power of two) and a power-of-two window of cache positions, gathered out of the
-pool and written back page by page (pages a call does not write are not written back). A run therefore compiles at most log2(S) x log2(max_len) x log2(pool growth)
-decode programs and log2(prefill_chunk) times that prefill programs, whatever the prompt lengths;
-`Programs.traces` counts them.
+pool and written back page by page (pages a call does not write are not written back). A run
+therefore compiles at most log2(S) x log2(max_len) x log2(pool growth) decode programs and
+log2(prefill_chunk) times that prefill programs, whatever the prompt lengths; `Programs.traces`
+counts them.
 
 Randomness: the token at conversation position p of an episode (0-based, counting every prompt,
 reply and generated token) is drawn with `fold_in(episode_key, p)`, so draws do not depend on
@@ -60,7 +61,7 @@ class Layers:
             return params, lora
         leaves = jax.tree.leaves((params, lora))
         if (self._split is None or len(self._split[0]) != len(leaves)
-                or any(a is not b for a, b in zip(self._split[0], leaves))):
+                or any(a is not b for a, b in zip(self._split[0], leaves, strict=True))):
             self._split = None  # the old split's memory goes first
             self._split = (leaves, *_layout_program(params, lora))
         return self._split[1], self._split[2]

@@ -31,7 +31,8 @@ def _truncate(scaled_BxV, top_k: int, top_p: float):
     if top_p < 1.0:
         sorted_BxV = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
         probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < p.
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass
+        # before it < p.
         before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
         kept_BxV = before_BxV < top_p
         cutoff_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)

@@ -1,6 +1,7 @@
 """Every template of the suite, in build order (a new template goes at the end)."""
+import files
 import notes
-import phone, files
+import phone
 import todoist
 import venmo
 

@@ -5,8 +5,8 @@ import random
 from datetime import timedelta
 
 import people
-from people import World
 from checks import added, collateral, given_answer, no_answer_and_only, updated
+from people import World
 from suite import WRITE_TESTS, Instance, Template
 
 LOGIN = ("passwords = {{p['account_name']: p['password'] for p in "

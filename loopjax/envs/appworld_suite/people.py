@@ -59,18 +59,18 @@ def _password(rng: random.Random) -> str:
 def make_world(seed: int) -> World:
     """The supervisor and NUM_PEOPLE distinct people (names, emails, phones, passwords)."""
     rng = random.Random(seed)
-    names = [(f, l) for f in FIRST for l in LAST]
+    names = [(f, last) for f in FIRST for last in LAST]
     rng.shuffle(names)
     firsts: set[str] = set()
     chosen = []
-    for f, l in names:  # first names unique, so "my friend Maya" is never ambiguous
+    for f, last in names:  # first names unique, so "my friend Maya" is never ambiguous
         if f not in firsts:
             firsts.add(f)
-            chosen.append((f, l))
+            chosen.append((f, last))
         if len(chosen) == NUM_PEOPLE + 1:
             break
-    people = [Person(f, l, f"{f.lower()}.{l.lower()}@example.com", _phone(rng), _password(rng),
-                     rng.choice(RELATIONS)) for f, l in chosen]
+    people = [Person(f, last, f"{f.lower()}.{last.lower()}@example.com", _phone(rng),
+                     _password(rng), rng.choice(RELATIONS)) for f, last in chosen]
     passwords = {app: _password(rng) for app in USER_APPS}
     return World(people[0], tuple(people[1:]), passwords)
 

@@ -6,9 +6,9 @@ import random
 from datetime import timedelta
 
 import people
-from people import World
 from checks import added, no_answer_and_only
 from notes import ANSWER_TESTS, evaluate_answer_only, login
+from people import World
 from suite import WRITE_TESTS, Instance, Template
 
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")

@@ -20,10 +20,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ["APPWORLD_ROOT"] = os.path.abspath(args.root)
     os.chdir(args.root)
+    import appworld.serve.environment as server
     import uvicorn
     from fastapi import HTTPException
-
-    import appworld.serve.environment as server
 
     def maybe_raise_exception(task_id: str) -> None:
         if server.world is None:

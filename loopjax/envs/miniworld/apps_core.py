@@ -41,8 +41,8 @@ def show_addresses(ctx):
 
 @SUPERVISOR.api("complete_task", "Mark the task as complete. Pass the answer if the task asks "
                 "a question; leave it out otherwise.",
-                [Param("answer", "any", "The answer to the task's question (string, number or list), "
-                       "if any.", False)],
+                [Param("answer", "any", "The answer to the task's question (string, number or "
+                       "list), if any.", False)],
                 {"message": "string"}, method="POST")
 def complete_task(ctx, answer=None):
     ctx.world.answer = answer
@@ -117,7 +117,8 @@ def show_contact(ctx, contact_id):
 
 
 @PHONE.api("add_contact", "Add a contact.",
-           [S("first_name", "First name.", min_length=1), S("last_name", "Last name.", min_length=1),
+           [S("first_name", "First name.", min_length=1),
+            S("last_name", "Last name.", min_length=1),
             S("phone_number", "Phone number like 555-1234.", min_length=8),
             S("email", "Email address.", False, ""),
             S("relationship", "Relationship.", False, "friend", choices=data.RELATIONS)],

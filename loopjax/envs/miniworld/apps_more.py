@@ -45,7 +45,8 @@ def _deliver(ctx, recipients, subject, body) -> int:
 
 
 @EMAIL.api("send_email", "Send an email.",
-           [L("recipients", "Email addresses or full names."), S("subject", "Subject.", min_length=1),
+           [L("recipients", "Email addresses or full names."),
+            S("subject", "Subject.", min_length=1),
             S("body", "Body text.", False, "")], {"email_id": "integer"}, method="POST")
 def send_email(ctx, recipients, subject, body):
     return {"email_id": _deliver(ctx, recipients, subject, body)}

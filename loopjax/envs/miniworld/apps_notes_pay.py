@@ -5,8 +5,7 @@ import random
 
 from loopjax.envs.miniworld import data
 from loopjax.envs.miniworld.apps_core import add_login
-from loopjax.envs.miniworld.framework import (App, B, I, L, N, S, find, matches,
-                                              require)
+from loopjax.envs.miniworld.framework import App, B, I, L, N, S, find, matches, require
 
 # ---- notes ---------------------------------------------------------------------------------
 NOTES = App("notes", "Notes: titled text notes with tags.")

@@ -37,9 +37,9 @@ def person(i: int, first: str, last: str) -> dict:
 
 def people(rng: random.Random, n: int) -> list[dict]:
     """n people with distinct full names; people[0] is the supervisor."""
-    pairs = [(f, l) for f in FIRST for l in LAST]
+    pairs = [(f, last) for f in FIRST for last in LAST]
     rng.shuffle(pairs)
-    return [person(i, f, l) for i, (f, l) in enumerate(pairs[:n])]
+    return [person(i, f, last) for i, (f, last) in enumerate(pairs[:n])]
 
 
 def timestamp(day_offset: int, minute: int) -> str:

@@ -8,7 +8,6 @@ from loopjax.envs.miniworld.framework import ApiError
 from loopjax.envs.miniworld.world import World, copy_state
 from loopjax.envs.sandbox import HandlerError, Sandbox, SandboxLimits
 
-
 MAX_NEW_RECORDS = 200  # records an episode may add to the world (a cap on the state's growth)
 
 

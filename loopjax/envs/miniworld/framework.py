@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
           "list[string]": list, "list[integer]": list, "object": dict,
@@ -150,7 +151,7 @@ class App:
         self.needs_login = needs_login
         self.apis: dict[str, Api] = {}
 
-    def subset(self, names: tuple[str, ...]) -> "App":
+    def subset(self, names: tuple[str, ...]) -> App:
         """A copy of this app with only the named APIs (a small preset's smaller docs)."""
         unknown = sorted(set(names) - set(self.apis))
         if unknown:

@@ -16,7 +16,8 @@ import dataclasses
 import json
 import random
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from loopjax.envs.miniworld import data
 from loopjax.envs.miniworld.evaluator import Allow, Outcome, same
@@ -41,7 +42,7 @@ class Scenario:
     name: str
     apps: tuple[str, ...]
     difficulty: int
-    make: Callable[["Gen"], TaskSpec]
+    make: Callable[[Gen], TaskSpec]
     challenge: bool = False  # True: only in test_challenge (its app combination is unseen in train)
 
 

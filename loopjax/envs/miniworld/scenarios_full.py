@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 from loopjax.envs.miniworld.evaluator import Allow
-from loopjax.envs.miniworld.scenario import (Gen, Scenario, TaskSpec, added_where, field_is,
-                                             only, q)
+from loopjax.envs.miniworld.scenario import Gen, Scenario, TaskSpec, added_where, field_is, only, q
 from loopjax.envs.miniworld.scenarios_tiny import DONE
 
 

@@ -13,8 +13,16 @@ from __future__ import annotations
 from loopjax.envs.miniworld import data
 from loopjax.envs.miniworld.evaluator import Allow
 from loopjax.envs.miniworld.framework import matches
-from loopjax.envs.miniworld.scenario import (PAGED, Gen, Scenario, TaskSpec, added_where,
-                                             deleted_id, only, q)
+from loopjax.envs.miniworld.scenario import (
+    PAGED,
+    Gen,
+    Scenario,
+    TaskSpec,
+    added_where,
+    deleted_id,
+    only,
+    q,
+)
 
 DONE = "apis.supervisor.complete_task()"
 

@@ -14,8 +14,14 @@ import random
 
 from loopjax.envs.miniworld import apps_core, apps_notes_pay, data
 from loopjax.envs.miniworld.framework import App
-from loopjax.envs.miniworld.scenario import (CAREFUL, SPLITS, Gen, Habits, Scenario, TaskSpec,
-                                             render_solution)
+from loopjax.envs.miniworld.scenario import (
+    SPLITS,
+    Gen,
+    Habits,
+    Scenario,
+    TaskSpec,
+    render_solution,
+)
 from loopjax.envs.miniworld.scenarios_cross import CROSS_SCENARIOS
 from loopjax.envs.miniworld.scenarios_full import FULL_SCENARIOS
 from loopjax.envs.miniworld.scenarios_tiny import BASIC_SCENARIOS, TINY_SCENARIOS
@@ -57,7 +63,7 @@ def app_registry() -> dict[str, tuple[App, object]]:
     return reg
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def apps_of(preset: Preset) -> dict[str, App]:
     reg, keep = app_registry(), dict(preset.api_subset)
     apps = {a: reg[a][0] for a in preset.apps}
@@ -65,7 +71,7 @@ def apps_of(preset: Preset) -> dict[str, App]:
     return {"supervisor": apps_core.SUPERVISOR, "api_docs": apps_core.API_DOCS, **apps}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_state(preset: Preset) -> tuple[list[dict], dict]:
     """(people, state) of the preset's seeded base world. Cached: callers copy before editing."""
     people = data.people(random.Random(f"{preset.seed}/people"), preset.n_people)
@@ -119,7 +125,7 @@ def _task_key(spec: TaskSpec) -> tuple:
     return spec.instruction, tuple(spec.solution), repr(spec.answer)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def train_instructions(preset: Preset) -> frozenset[tuple]:
     """Keys of every train task (instruction, solution, answer) of a shared-population preset."""
     return frozenset(_task_key(build_task(preset, t)[1]) for t in task_ids(preset, "train"))
@@ -144,7 +150,7 @@ def demonstration(preset: Preset, task_id: str, lookup: bool = True,
     run = render_solution(spec.solution, preset.auth, people[0]["email"], habits)
     written = run if lookup else render_solution(spec.solution, preset.auth, people[0]["email"],
                                                  habits, api_version=1)
-    return list(zip(written, run))
+    return list(zip(written, run, strict=True))
 
 
 # A small circle of 8 contacts shared by every split, so a from-scratch model learns their names in

@@ -27,7 +27,7 @@ def copy_state(state: dict) -> dict:
 class Ctx:
     """What an API handler sees: its app's tables, the whole state, people, a clock, new ids."""
 
-    def __init__(self, world: "World", app: str):
+    def __init__(self, world: World, app: str):
         self.world = world
         self.db = world.state.get(app, {})
         self.state = world.state
