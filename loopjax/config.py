@@ -209,6 +209,9 @@ class TrainConfig:
             raise ValueError(f"the largest update bucket {self.epochs.buckets[-1]} must hold a "
                              f"whole conversation of max_seq_len={self.max_seq_len} tokens; add a "
                              "bucket (--epochs.buckets=...) or lower --max_seq_len")
+        if self.init_from and self.sft_moments_to_loop:
+            raise ValueError("--sft_moments_to_loop applies to a run's own warm start; with "
+                             "--init_from the optimizer state is that run's step-0 checkpoint's")
         return self
 
     def to_dict(self) -> dict:

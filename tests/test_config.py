@@ -86,6 +86,8 @@ def test_internal_sizes_are_constants_not_options(knob):
     (["--update.temperature=0.5"], "unknown option --update.temperature"),
     (["--sampler.max_slots=0"], "sampler.max_slots must be positive"),
     (["--update.lora.dropout=0.1"], "unknown option --update.lora.dropout"),
+    (["--init_from=runs/x", "--sft_moments_to_loop=true"], "applies to a run's own warm start"),
+    (["--reward=partial"], "reward 'partial' must be one of"),
 ])
 def test_bad_values_get_clear_errors(argv, message):
     with pytest.raises(ValueError, match=message):
