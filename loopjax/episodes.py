@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from loopjax.envs.base import EpisodeRecord, EvalResult, Turn
 from loopjax.envs.registry import episode_behaviour
+from loopjax.eval import episode_measures
 from loopjax.metrics import read_jsonl, rewrite_jsonl
 from loopjax.rollout.batch import Rollout
 
@@ -83,7 +84,6 @@ def record(line: dict) -> EpisodeRecord:
 def phases(path: str | os.PathLike, world: str) -> list[dict]:
     """Per (tag, iteration, split) of a file, in file order: episodes, TGC, mean reward and the
     world's behaviour measures as the current code computes them (loopjax.eval.behaviour)."""
-    from loopjax.eval import episode_measures  # noqa: PLC0415 (eval imports the registry too)
     groups: dict[tuple, list[dict]] = {}
     for x in read(path):
         groups.setdefault((x["tag"], x["iteration"], x["split"]), []).append(x)

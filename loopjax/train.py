@@ -296,8 +296,10 @@ def start_from(rs: RunState, run_dir: str, logs: tuple[str, str] | None = None) 
     """rs.state := another run's warm start (its step-0 checkpoint); its "before" evaluation is
     this run's (meta, and the lines of its metrics and episodes files copied to `logs`)."""
     path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path) or os.path.abspath(run_dir) == os.path.abspath(rs.config.run_dir):
-        raise ValueError(f"--init_from={run_dir}: not another run's folder (no config.json)")
+    if os.path.abspath(run_dir) == os.path.abspath(rs.config.run_dir):
+        raise ValueError(f"--init_from={run_dir} is this run's own folder (use --resume)")
+    if not os.path.exists(path):
+        raise ValueError(f"--init_from={run_dir}: not a run's folder (no config.json)")
     with open(path) as f:
         theirs = json.load(f)["train"]
     for name in ("env", "model", "max_seq_len", "max_interactions_eval", "compact_prompt"):

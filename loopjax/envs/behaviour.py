@@ -31,9 +31,12 @@ def code_habits(turns: Sequence[Turn]) -> dict:
             "answered_without_lookup": blind_answer}
 
 
+# Any API call, and a doc lookup of one API (app and API name, keyword or positional).
 _CALL_RE = re.compile(r"apis\.(\w+)\.(\w+)\(")
 _DOC_RE = re.compile(r"show_api_doc\(\s*(?:app_name\s*=\s*)?['\"](\w+)['\"]\s*,\s*"
                      r"(?:api_name\s*=\s*)?['\"](\w+)['\"]")
+
+
 def call_order(turns: Sequence[Turn]) -> dict:
     """How an episode's app API calls (not the supervisor's or the docs') relate to what came
     before them, in the order the code names them: the share of the APIs it called whose
@@ -48,7 +51,7 @@ def call_order(turns: Sequence[Turn]) -> dict:
             app, api = m.groups()
             if m.re is _DOC_RE:
                 documented.add((app, api))
-            if m.re is _DOC_RE or app in ("supervisor", "api_docs") or app in used:
+            if m.re is _DOC_RE or not _STATE_CALL_RE.match(t.code, m.start()) or app in used:
                 continue
             called.setdefault((app, api), (app, api) in documented)
             if api == "login" and not shows_error(t.output):
@@ -72,22 +75,22 @@ def api_behaviour(ground_truth: Callable[[str], list[str]] | None
     whether it recovered from a turn that raised, for episodes with one."""
 
     @functools.cache
-    def solution(task_id: str) -> str:
-        if ground_truth is None:
-            return ""
+    def needs(task_id: str) -> tuple[bool, frozenset[str]]:
+        """(whether the task's ground truth walks pages, the apps it logs into)."""
         try:
-            return "\n".join(ground_truth(task_id))
+            code = "" if ground_truth is None else "\n".join(ground_truth(task_id))
         except NotImplementedError:
-            return ""
+            code = ""
+        return "page_index" in code, frozenset(
+            m.group(1) for m in _CALL_RE.finditer(code) if m.group(2) == "login")
 
     def behaviour(record: EpisodeRecord) -> dict[str, float]:
         habits, order = code_habits(record.turns), call_order(record.turns)
         out = {"doc_lookups": float(habits["doc_lookups"]),
                "answered_without_lookup": float(habits["answered_without_lookup"])}
-        if "page_index" in solution(record.task_id):
+        pages, logins = needs(record.task_id)
+        if pages:
             out["paginate_when_needed"] = float(habits["paginated"])
-        logins = {m.group(1) for m in _CALL_RE.finditer(solution(record.task_id))
-                  if m.group(2) == "login"}
         if logins:
             out["logins_right"] = float(logins <= order["logged_in"])
         for name in ("docs_before_call", "recovered"):
