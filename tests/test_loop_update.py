@@ -12,72 +12,19 @@ from loopjax.config import EpochConfig, UpdateConfig
 from loopjax.loop import advantages
 from loopjax.loop import epochs as epochs_module
 from loopjax.loop.epochs import minibatch_plan, run_iteration
-from loopjax.loop.update import OUTLIER_WARMUP, init_train_state, make_update_step, split_params
-from loopjax.models.config import ModelConfig
-from loopjax.models.transformer import forward, init_params, token_logprobs
-from loopjax.rollout.batch import forward_rows, pack_minibatch
+from loopjax.loop.update import OUTLIER_WARMUP, split_params
+from loopjax.models.transformer import forward, token_logprobs
 from loopjax.sharding import make_mesh
-
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8)
-
-
-def lora_update(**overrides) -> UpdateConfig:
-    """An update of a LoRA adapter at the paper's learning rate unless `overrides` say otherwise
-    (UpdateConfig's defaults train the default run's scratch model in full)."""
-    return UpdateConfig(**{"train_full_weights": False, "learning_rate": 5e-5, **overrides})
-
-
-def one_device_mesh():
-    return make_mesh("1,1,1", devices=jax.devices()[:1])
-
-
-def random_rollouts(seed, n, min_len=4, max_len=12):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        T = int(rng.integers(min_len, max_len + 1))
-        is_output = rng.random(T) < 0.6
-        is_output[0] = False
-        out.append(as_rollout(tokens=rng.integers(0, CFG.vocab_size, T),
-                              is_output=is_output,
-                              logp=np.where(is_output, -rng.uniform(3.5, 4.5, T), 0.0),
-                              turn_id=np.sort(rng.integers(0, 3, T))))
-    return out
-
-
-def random_batch(seed, rows=8, length=16, microbatches=1):
-    rollouts = random_rollouts(seed, rows)
-    adv = np.random.default_rng(seed + 100).normal(size=rows).astype(np.float32)
-    return pack_minibatch(rollouts, adv, rows, length, microbatches=microbatches)
-
-
-_STEPS = {}
-
-
-def make(config, mesh, seed=0, unembed_scale=1.0, fresh=False):
-    """A new TrainState and an update step; steps are shared by tests with the same config and
-    mesh shape (a fresh state each time), so each compiles once per test session."""
-    params = init_params(CFG, jax.random.key(seed))
-    params["unembed"] = params["unembed"] * unembed_scale
-    state = init_train_state(CFG, config, params, jax.random.key(seed + 1), mesh)
-    key = (config, tuple(mesh.shape.items()))
-    if fresh or key not in _STEPS:
-        _STEPS[key] = make_update_step(CFG, config, mesh, state)
-    return state, _STEPS[key]
-
-
-def run_steps(config, mesh, batches):
-    state, step = make(config, mesh)
-    metrics = []
-    for b in batches:
-        state, m = step(state, jax.device_put(b, step.batch_sharding))
-        metrics.append(jax.device_get(m))
-    return jax.device_get(state.trainable), metrics
-
-
-def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+from update_fixtures import (
+    CFG,
+    assert_trees_close,
+    lora_update,
+    make,
+    one_device_mesh,
+    random_batch,
+    random_rollouts,
+    run_steps,
+)
 
 
 def test_mesh_2x2x2_matches_one_device(level="token"):
@@ -161,134 +108,6 @@ def test_compiles_once_per_bucket_and_row_count():
     assert {r for r, _ in shapes} <= {2, 4, 6, 8} and min(r for r, _ in shapes) < 8
     assert step.num_compiles() == len(shapes) <= 12
 
-
-@pytest.mark.parametrize("micro", [1, 2])
-def test_forward_rows_packs_within_microbatches(micro):
-    lengths = [30, 5, 12, 17, 9, 31, 2, 14, 16, 8]
-    R, place = forward_rows(lengths, 32, pack=True, microbatches=micro, slots=12)
-    used = {}
-    for i, (u, row, off) in enumerate(place):
-        assert u == i % micro and 0 <= off and off + lengths[i] <= 32 and row < R
-        for col in range(off, off + lengths[i]):
-            assert (u, row, col) not in used, "two rollouts overlap"
-            used[u, row, col] = i
-    assert R * micro < 12  # fewer rows than one per rollout
-    unpacked, place = forward_rows(lengths, 32, pack=False, microbatches=micro, slots=12)
-    assert unpacked == 12 // micro and place == [(i % micro, i // micro, 0) for i in range(10)]
-
-
-@pytest.mark.parametrize("pack", [False, True])
-@pytest.mark.parametrize("micro", [1, 2, 4])
-def test_packed_batch_reads_back_every_rollout(pack, micro):
-    """The packer's contract, microbatch by microbatch: slot b of microbatch u holds rollout
-    b * U + u, whose tokens its local indices read back from that microbatch's own rows, with
-    positions 0..n-1 and one segment id of its own; empty slots weigh 0."""
-    rollouts = random_rollouts(5, 7, min_len=3, max_len=14)
-    adv = np.arange(1, 8, dtype=np.float32)
-    batch = pack_minibatch(rollouts, adv, 8, 32, pack=pack, microbatches=micro)
-    U, R, T = batch.tokens_UxRxT.shape
-    assert (U, T) == (micro, 32) and batch.adv_UxB.shape == (micro, 8 // micro)
-    for i, r in enumerate(rollouts):
-        u, b, n = i % micro, i // micro, len(r.tokens)
-        at = batch.src_UxBxT[u, b, :n]
-        np.testing.assert_array_equal(batch.tokens_UxRxT[u].reshape(-1)[at], r.tokens)
-        np.testing.assert_array_equal(batch.positions_UxRxT[u].reshape(-1)[at], np.arange(n))
-        segment = batch.segment_ids_UxRxT[u].reshape(-1)[at]
-        assert segment.min() == segment.max() > 0
-        assert np.sum(batch.segment_ids_UxRxT[u].reshape(-1) == segment[0]) >= n
-        np.testing.assert_array_equal(batch.mask_UxBxT[u, b, :n], r.is_output)
-        np.testing.assert_array_equal(batch.logp_old_UxBxT[u, b, :n], r.logp)
-        assert batch.adv_UxB[u, b] == adv[i] and batch.weight_UxB[u, b] == 1.0
-    # each segment is one rollout: a row's segment ids count its rollouts
-    for u in range(U):
-        rows_used = {int(x) // T for i in range(u, 7, micro)
-                     for x in batch.src_UxBxT[u, i // micro, :1]}
-        for row in rows_used:
-            ids = set(batch.segment_ids_UxRxT[u, row].tolist()) - {0}
-            assert len(ids) == sum(int(batch.src_UxBxT[u, i // micro, 0]) // T == row
-                                   for i in range(u, 7, micro))
-    assert batch.weight_UxB.sum() == 7 and (R < 8 // micro) == pack
-
-
-@pytest.mark.parametrize("micro", [1, 2])
-def test_tree_rows_hold_each_prompt_once(micro):
-    """share_prefix: slot i % B of microbatch i // B reads back rollout i (tokens, positions
-    0..n-1); a task's rollouts in one microbatch hold their prompt once, up to (not into) their
-    first generated token; their branches attend to it (prefix ids), other tasks' do not."""
-    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
-    rollouts = shared_prompt_rollouts()  # groups 0, 0, 0, 1, 1, 2
-    adv = np.arange(1, 7, dtype=np.float32)
-    batch = pack_minibatch(rollouts, adv, 8, 64, pack=True, microbatches=micro, share_prefix=True)
-    U, R, T = batch.tokens_UxRxT.shape
-    B = 8 // micro
-    held = 0
-    for u in range(U):
-        members = range(u * B, min((u + 1) * B, 6))
-        expect = sum(len(rollouts[i].tokens) for i in members)
-        for g in {rollouts[i].group for i in members}:
-            same = [rollouts[i] for i in members if rollouts[i].group == g]
-            if len(same) > 1:  # L = the prompt minus its last token (9, 7: see the rollouts)
-                expect -= (len(same) - 1) * ({0: 9, 1: 7}[g] - 1)
-        held += expect
-        assert np.sum(batch.segment_ids_UxRxT[u] > 0) == expect
-        for i in members:
-            r, b, n = rollouts[i], i % B, len(rollouts[i].tokens)
-            at = batch.src_UxBxT[u, b, :n]
-            np.testing.assert_array_equal(batch.tokens_UxRxT[u].reshape(-1)[at], r.tokens)
-            np.testing.assert_array_equal(batch.positions_UxRxT[u].reshape(-1)[at], np.arange(n))
-            np.testing.assert_array_equal(batch.mask_UxBxT[u, b, :n], r.is_output)
-            assert batch.adv_UxB[u, b] == adv[i]
-            seg, pre = (x[u].reshape(-1)[at] for x in (batch.segment_ids_UxRxT,
-                                                         batch.prefix_ids_UxRxT))
-            L = int(np.argmax(seg != seg[0])) if pre.max() else 0  # where its branch starts
-            if L:  # the prompt's tokens [0, L) in the prefix segment, the rest in its branch
-                assert np.all(seg[:L] == seg[0]) and np.all(pre[:L] == 0)
-                assert np.all(seg[L:] == seg[L]) and np.all(pre[L:] == seg[0])
-                assert not r.is_output[:L + 1].any()
-    assert held < sum(len(r.tokens) for r in rollouts)
-    with pytest.raises(ValueError, match="pack=True"):
-        EpochConfig(pack=False, share_prefix=True)
-
-
-def test_tree_units_split_at_the_row_length():
-    from loopjax.rollout.batch import tree_units  # noqa: PLC0415
-    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
-    rollouts = shared_prompt_rollouts()
-    (whole, L, n), *_ = tree_units(rollouts, range(6), 64)
-    assert whole == [0, 1, 2] and L == 8 and n == 8 + sum(len(rollouts[i].tokens) - 8 for i in whole)  # noqa: E501 (the file is past the 400-line limit: no wrapping)
-    short = max(len(rollouts[i].tokens) for i in range(3)) + 4  # room for one rollout and a bit
-    units = tree_units(rollouts, range(3), short)
-    assert [u[0] for u in units] == [[0], [1], [2]] and all(u[2] <= short for u in units)
-
-
-@pytest.mark.parametrize("level,mesh_shape,micro", [("token", "1,1,1", 0), ("turn", "1,1,1", 2),
-                                                     ("trajectory", "1,1,1", 4),
-                                                     ("token", "2,2,2", 4)])
-def test_packed_rows_match_one_rollout_per_row(level, mesh_shape, micro):
-    """Several rollouts per forward row (segments) give the loss, metrics and update of one per row."""  # noqa: E501 (the file is past the 400-line limit: no wrapping)
-    config = lora_update(level=level, minibatch_size=8, microbatch_size=micro, learning_rate=1e-3)
-    mesh = make_mesh(mesh_shape, devices=jax.devices()[:mesh_shape.count("2") and 8 or 1])
-    rollouts = random_rollouts(11, 7, min_len=3, max_len=14)  # 7 of 8 slots: one empty
-    adv = np.random.default_rng(3).normal(size=7).astype(np.float32)
-    micro = config.num_microbatches
-    dp = 4 if mesh_shape == "2,2,2" else 1  # rows per microbatch split evenly over dp devices
-    packed = pack_minibatch(rollouts, adv, 8, 32, pack=True, microbatches=micro, multiple=dp)
-    plain = pack_minibatch(rollouts, adv, 8, 32, microbatches=micro, multiple=dp)
-    rows, one_per_row = packed.tokens_UxRxT.shape[1], plain.tokens_UxRxT.shape[1]
-    assert rows < one_per_row == 8 // micro if dp == 1 else rows <= one_per_row
-    a, ma = run_steps(config, mesh, [plain])
-    b, mb = run_steps(config, mesh, [packed])
-    assert_trees_close(a, b)
-    for k in ("loss", "grad_norm", "kl_k1", "clip_fraction", "num_tokens", "num_rollouts"):
-        np.testing.assert_allclose(ma[0][k], mb[0][k], rtol=1e-5, atol=1e-7)
-
-
-def test_batch_of_another_microbatch_split_is_refused():
-    state, step = make(lora_update(minibatch_size=8, microbatch_size=4), one_device_mesh())
-    rollouts = random_rollouts(12, 8)
-    batch = pack_minibatch(rollouts, np.ones(8, np.float32), 8, 16, pack=True, microbatches=1)
-    with pytest.raises(ValueError, match="microbatches=2"):
-        step(state, batch)
 
 
 @pytest.mark.parametrize("behaviour", ["far_above", "far_below", "near"])

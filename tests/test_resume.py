@@ -9,7 +9,7 @@ import numpy as np
 
 from loopjax import train
 from loopjax.checkpoint import Checkpointer
-from test_loop_update import lora_update, make, one_device_mesh, random_batch
+from update_fixtures import lora_update, make, one_device_mesh, random_batch
 
 
 def _trainer(run_dir, state, resume):

@@ -24,7 +24,7 @@ from loopjax.models.lora import init_lora
 from loopjax.models.transformer import init_params, token_logprobs
 from loopjax.rollout.batch import pack_minibatch
 from loopjax.sharding import make_mesh
-from test_loop_update import CFG, lora_update, make, one_device_mesh, random_rollouts
+from update_fixtures import CFG, lora_update, make, one_device_mesh, random_rollouts
 
 M = 8  # minibatch slots; 6 hold rollouts, 2 are empty (weight 0), so the denominator M != kept
 MIN_ABS = 0.3  # the |A| filter threshold these tests use; rollout 2 (|A| = 0.2) falls below it

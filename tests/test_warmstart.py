@@ -105,7 +105,7 @@ def test_sft_step_is_the_reference_gradient(monkeypatch, mesh_shape):
     2x2x2 mesh (full weights, demonstrations packed several to a row)."""
     from loopjax.models.transformer import init_params, token_logprobs  # noqa: PLC0415
     from loopjax.sharding import make_mesh, microbatch_sharding, param_shardings  # noqa: PLC0415
-    from test_loop_update import CFG, random_rollouts  # noqa: PLC0415
+    from update_fixtures import CFG, random_rollouts  # noqa: PLC0415
 
     monkeypatch.setattr(warmstart, "sft_optimizer", lambda learning_rate, steps: optax.sgd(1.0))
     records = random_rollouts(4, 6)
