@@ -1,4 +1,4 @@
-"""Test session set-up: 8 fake CPU devices so that every sharded path runs in every session.
+"""Test set-up: 8 fake CPU devices so that every sharded path runs in every pytest run.
 
 XLA reads XLA_FLAGS once, when the backend starts, so this must run before anything imports jax.
 """
@@ -7,15 +7,15 @@ import os
 import shutil
 import tempfile
 
-# One persistent XLA compilation cache for every process of one test session: both xdist workers
+# One persistent XLA compilation cache for every process of one pytest run: both xdist workers
 # and the main-job subprocesses (test_train runs the job six times on one CPU device) compile the
 # same programs, which then compile once. JAX keys entries on the program and its options, so a
 # hit is the executable a compile would give. A size limit turns on JAX's file lock, which keeps
 # processes that write the cache at the same time safe. Traces (what the compile-count tests
 # count) are not cached. Programs over several CPU devices are never cached: see
-# `_cache_single_device_programs_only` below. The cache is the session's own (made here by the
+# `_cache_single_device_programs_only` below. The cache is the run's own (made here by the
 # pytest process, inherited by its workers and subprocesses, removed at its exit): a cache kept
-# across sessions held entries of killed runs, and a single-device program read back from it
+# across runs held entries of killed runs, and a single-device program read back from it
 # aborted the process (test_collector, 2026-12-07, b3747ff and 5fb604a).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="loopjax-tests-xla-cache-")
