@@ -24,6 +24,7 @@ from update_fixtures import (
     random_batch,
     random_rollouts,
     run_steps,
+    shared_prompt_rollouts,
 )
 
 
@@ -168,7 +169,6 @@ def test_run_iteration_shares_prompts_when_asked():
     """EpochConfig.share_prefix reaches the packer: the same rollouts take fewer held tokens per
     step (each task's prompt once), in rows long enough for a whole task's tree (a bucket of 64
     where the longest rollout needs 32), and the step's loss is the unshared step's."""
-    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
     rollouts = shared_prompt_rollouts()
     adv = np.array([1.0, -0.5, 0.7, 0.4, -0.9, 0.3], np.float32)
     out = {}

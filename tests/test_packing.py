@@ -15,6 +15,7 @@ from update_fixtures import (
     one_device_mesh,
     random_rollouts,
     run_steps,
+    shared_prompt_rollouts,
 )
 
 
@@ -71,7 +72,6 @@ def test_tree_rows_hold_each_prompt_once(micro):
     """share_prefix: slot i % B of microbatch i // B reads back rollout i (tokens, positions
     0..n-1); a task's rollouts in one microbatch hold their prompt once, up to (not into) their
     first generated token; their branches attend to it (prefix ids), other tasks' do not."""
-    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
     rollouts = shared_prompt_rollouts()  # groups 0, 0, 0, 1, 1, 2
     adv = np.arange(1, 7, dtype=np.float32)
     batch = pack_minibatch(rollouts, adv, 8, 64, pack=True, microbatches=micro, share_prefix=True)
@@ -108,7 +108,6 @@ def test_tree_rows_hold_each_prompt_once(micro):
 
 def test_tree_units_split_at_the_row_length():
     from loopjax.rollout.batch import tree_units  # noqa: PLC0415
-    from test_update_gradient import shared_prompt_rollouts  # noqa: PLC0415
     rollouts = shared_prompt_rollouts()
     (whole, L, n), *_ = tree_units(rollouts, range(6), 64)
     assert whole == [0, 1, 2] and L == 8

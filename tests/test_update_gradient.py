@@ -24,7 +24,14 @@ from loopjax.models.lora import init_lora
 from loopjax.models.transformer import init_params, token_logprobs
 from loopjax.rollout.batch import pack_minibatch
 from loopjax.sharding import make_mesh
-from update_fixtures import CFG, lora_update, make, one_device_mesh, random_rollouts
+from update_fixtures import (
+    CFG,
+    lora_update,
+    make,
+    one_device_mesh,
+    random_rollouts,
+    shared_prompt_rollouts,
+)
 
 M = 8  # minibatch slots; 6 hold rollouts, 2 are empty (weight 0), so the denominator M != kept
 MIN_ABS = 0.3  # the |A| filter threshold these tests use; rollout 2 (|A| = 0.2) falls below it
@@ -39,32 +46,6 @@ def _rollouts(shared=False):
         r.logp = np.where(r.is_output, -np.log(CFG.vocab_size) + 0.3 * np.sin(np.arange(
             len(r.tokens)) + i), 0.0).astype(np.float32)
     return rollouts
-
-
-def shared_prompt_rollouts(seed=5):
-    """Three tasks' rollouts (groups 0, 0, 0, 1, 1, 2): each task's rollouts begin with the same
-    prompt, then take turns of generated tokens and observations of their own. Two of task 0's
-    rollouts also begin their answer with the same two tokens (the common prefix reaches into
-    generated tokens, which a tree must not share)."""
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, CFG.vocab_size, n) for n in (9, 7, 8)]
-    first_answer = rng.integers(0, CFG.vocab_size, 2)
-    out = []
-    for i, g in enumerate([0, 0, 0, 1, 1, 2]):
-        tokens, is_output, turn = ([prompts[g]], [np.zeros(len(prompts[g]), bool)],
-                                   [np.zeros(len(prompts[g]), int)])
-        for t in range(int(rng.integers(1, 3))):
-            answer = rng.integers(0, CFG.vocab_size, int(rng.integers(2, 5)))
-            if i < 2 and t == 0:
-                answer = np.concatenate([first_answer, answer])
-            observation = rng.integers(0, CFG.vocab_size, int(rng.integers(1, 3)))
-            tokens += [answer, observation]
-            is_output += [np.ones(len(answer), bool), np.zeros(len(observation), bool)]
-            turn += [np.full(len(answer), t), np.full(len(observation), t)]
-        tokens, is_output = np.concatenate(tokens), np.concatenate(is_output)
-        out.append(as_rollout(tokens=tokens, is_output=is_output, logp=np.zeros(len(tokens)),
-                              turn_id=np.concatenate(turn), group=g))
-    return out
 
 
 def _sgd(config):

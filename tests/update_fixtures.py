@@ -1,4 +1,5 @@
-"""A tiny policy, random rollouts and a cache of update steps, for the update and packer tests."""
+"""A tiny policy, random rollouts (and rollouts sharing their prompts) and a cache of update
+steps, for the update and packer tests."""
 
 import jax
 import numpy as np
@@ -36,6 +37,32 @@ def random_rollouts(seed, n, min_len=4, max_len=12):
                               is_output=is_output,
                               logp=np.where(is_output, -rng.uniform(3.5, 4.5, T), 0.0),
                               turn_id=np.sort(rng.integers(0, 3, T))))
+    return out
+
+
+def shared_prompt_rollouts(seed=5):
+    """Three tasks' rollouts (groups 0, 0, 0, 1, 1, 2): each task's rollouts begin with the same
+    prompt, then take turns of generated tokens and observations of their own. Two of task 0's
+    rollouts also begin their answer with the same two tokens (the common prefix reaches into
+    generated tokens, which a tree must not share)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, CFG.vocab_size, n) for n in (9, 7, 8)]
+    first_answer = rng.integers(0, CFG.vocab_size, 2)
+    out = []
+    for i, g in enumerate([0, 0, 0, 1, 1, 2]):
+        tokens, is_output, turn = ([prompts[g]], [np.zeros(len(prompts[g]), bool)],
+                                   [np.zeros(len(prompts[g]), int)])
+        for t in range(int(rng.integers(1, 3))):
+            answer = rng.integers(0, CFG.vocab_size, int(rng.integers(2, 5)))
+            if i < 2 and t == 0:
+                answer = np.concatenate([first_answer, answer])
+            observation = rng.integers(0, CFG.vocab_size, int(rng.integers(1, 3)))
+            tokens += [answer, observation]
+            is_output += [np.ones(len(answer), bool), np.zeros(len(observation), bool)]
+            turn += [np.full(len(answer), t), np.full(len(observation), t)]
+        tokens, is_output = np.concatenate(tokens), np.concatenate(is_output)
+        out.append(as_rollout(tokens=tokens, is_output=is_output, logp=np.zeros(len(tokens)),
+                              turn_id=np.concatenate(turn), group=g))
     return out
 
 
