@@ -367,6 +367,7 @@ def main(argv=None) -> int:
     os.environ["APPWORLD_ROOT"] = root
     os.chdir(root)
     import appworld.evaluator  # noqa: F401 (imported once: every fork starts with it)
+    import pytest  # noqa: F401 (AppWorld's checks import it on first use: 0.04 s per evaluation)
     cache.warm_up(root)
     problem = probe(root)
     if problem:
